@@ -1,0 +1,162 @@
+"""Command line: ``python -m lib_gguf {convert,inspect,bake-lora,presets} ...``
+
+    python -m lib_gguf convert model.safetensors model-Q4_K_S.gguf --type Q4_K_S [--rules rules.txt]
+    python -m lib_gguf inspect model.gguf
+    python -m lib_gguf bake-lora model.gguf style.safetensors:0.8 detail.safetensors -o baked.gguf
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+
+def _tqdm_progress(desc: str):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # progress is a nicety
+        return None, lambda: None
+    bar = {"b": None}
+
+    def update(done: int, total: int, name: str = "") -> None:
+        if bar["b"] is None:
+            bar["b"] = tqdm(total=total, desc=desc, unit="tensor", dynamic_ncols=True)
+        b = bar["b"]
+        b.update(done - b.n)
+        if name:
+            b.set_postfix_str(name[-40:], refresh=False)
+
+    def close() -> None:
+        if bar["b"] is not None:
+            bar["b"].close()
+
+    return update, close
+
+
+def _cmd_convert(args) -> int:
+    from .converter import convert
+
+    update, close = _tqdm_progress("quantizing")
+    try:
+        summary = convert(args.src, args.dst, args.type, rules=args.rules, progress=update)
+    finally:
+        close()
+    print(summary.text())
+    return 0
+
+
+def inspect_text(path) -> str:
+    """A listing of a GGUF file: tensors, formats, shapes, and a per-format histogram."""
+    from .reader import GGUFFile
+
+    f = GGUFFile(path)
+    rows = []
+    hist = {}
+    total_bytes = 0
+    total_weights = 0
+    for info in f.tensors:
+        n = 1
+        for s in info.shape:
+            n *= s
+        rows.append(f"{info.format.name:>8}  {str(list(info.shape)):>18}  {info.nbytes / 2**20:9.3f} MiB  {info.name}")
+        h = hist.setdefault(info.format.name, [0, 0, 0])
+        h[0] += 1
+        h[1] += n
+        h[2] += info.nbytes
+        total_bytes += info.nbytes
+        total_weights += n
+    out = [f"{path}: GGUF v{f.version}, {len(rows)} tensors, {total_weights / 1e6:.2f} M weights, "
+           f"{total_bytes / 2**20:.2f} MiB of tensor data, "
+           f"{total_bytes * 8 / max(total_weights, 1):.3f} bits per weight"]
+    arch = f.metadata.get("general.architecture")
+    if arch:
+        out.append(f"architecture: {arch}")
+    out.append("")
+    out += rows
+    out.append("")
+    out.append(f"{'format':>8}  {'tensors':>7}  {'weights':>12}  {'MiB':>9}  {'share':>6}  histogram")
+    for name, (count, n, nb) in sorted(hist.items(), key=lambda kv: -kv[1][1]):
+        share = n / max(total_weights, 1)
+        out.append(f"{name:>8}  {count:>7}  {n:>12}  {nb / 2**20:9.3f}  {share:6.1%}  {'#' * max(1, round(share * 40))}")
+    return "\n".join(out)
+
+
+def _cmd_inspect(args) -> int:
+    print(inspect_text(args.file))
+    return 0
+
+
+def parse_lora_arg(text: str):
+    """``path[:strength]`` -> (path, strength); a Windows drive letter is not a strength."""
+    path, sep, tail = text.rpartition(":")
+    if sep and path and tail:
+        try:
+            return path, float(tail)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def _cmd_bake(args) -> int:
+    from lib_lora.bake import bake_loras
+
+    loras = [parse_lora_arg(a) for a in args.loras]
+    update, close = _tqdm_progress("baking")
+    try:
+        result = bake_loras(args.model, loras, args.output, progress=update)
+    finally:
+        close()
+    if result is not None:
+        print(getattr(result, "text", lambda: str(result))())
+    return 0
+
+
+def _cmd_presets(args) -> int:
+    from .recipes import PRESETS
+
+    for name, (base, mix) in PRESETS.items():
+        print(f"{name:8} base {base}{'  mix ' + mix if mix else ''}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lib_gguf", description="GGUF tools in Python and torch")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each decision")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("convert", help="safetensors (file or folder of shards) or GGUF -> GGUF")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--type", default="Q8_0", help="preset: Q2_K, Q3_K_S/M/L, Q4_0, Q4_1, Q4_K_S/M, Q5_0, Q5_1, "
+                   "Q5_K_S/M, Q6_K, Q8_0, IQ4_NL, IQ4_XS, BF16, F16 (default Q8_0)")
+    p.add_argument("--rules", help="rule file: one 'PATTERN = FORMAT' a line (glob, or re:REGEX), or JSON")
+    p.set_defaults(fn=_cmd_convert)
+
+    p = sub.add_parser("inspect", help="list a GGUF file's tensors, formats and shapes")
+    p.add_argument("file")
+    p.set_defaults(fn=_cmd_inspect)
+
+    p = sub.add_parser("bake-lora", help="merge LoRAs into a GGUF model, requantizing each tensor to its format")
+    p.add_argument("model")
+    p.add_argument("loras", nargs="+", metavar="LORA[:STRENGTH]")
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(fn=_cmd_bake)
+
+    p = sub.add_parser("presets", help="list the quantization presets")
+    p.set_defaults(fn=_cmd_presets)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    from .errors import GGUFFormatError
+
+    try:
+        return args.fn(args)
+    except (GGUFFormatError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
