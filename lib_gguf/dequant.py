@@ -88,7 +88,7 @@ for _t, _src in (
 # weights per chunk on the CPU (a few MiB of float32 scratch, in L2/L3), by block
 # size: the K-quants' kernels have more small per-chunk ops to amortize.
 _CHUNK_WEIGHTS_CPU = {32: 1 << 19, 256: 1 << 20}
-_CHUNK_WEIGHTS_OTHER = 1 << 26  # on accelerators, few large kernels are better
+_CHUNK_WEIGHTS_OTHER = 1 << 24  # on accelerators: few large kernels, bounded float32 scratch
 
 
 def _chunked(block_size: int):
