@@ -96,3 +96,37 @@ def tiny_flux_state_dict(cfg: FluxConfig = FluxConfig(), seed: int = 0, dtype=to
             t = torch.randn(shape, generator=g) / (shape[-1] ** 0.5)
         sd[name] = t.to(dtype)
     return sd
+
+
+class _Node(torch.nn.Module):
+    pass
+
+
+def build_module(shapes: Dict[str, Tuple[int, ...]], dtype=torch.float32) -> torch.nn.Module:
+    """A module tree with exactly these parameter names: ``X.weight`` (2-D) with an
+    optional ``X.bias`` becomes an ``nn.Linear`` at ``X``; anything else a plain
+    parameter. Enough to load a state dict and run each Linear, for tests."""
+    root = _Node()
+
+    def node(path: str) -> torch.nn.Module:
+        m = root
+        for part in path.split(".") if path else []:
+            if not hasattr(m, part):
+                m.add_module(part, _Node())
+            m = getattr(m, part)
+        return m
+
+    for name, shape in shapes.items():
+        path, _, attr = name.rpartition(".")
+        if attr == "weight" and len(shape) == 2:
+            parent_path, _, child = path.rpartition(".")
+            parent = node(parent_path)
+            lin = torch.nn.Linear(shape[1], shape[0], bias=f"{path}.bias" in shapes, dtype=dtype)
+            lin.requires_grad_(False)
+            parent.add_module(child, lin)
+        elif attr == "bias" and f"{path}.weight" in shapes and len(shapes[f"{path}.weight"]) == 2:
+            continue
+        else:
+            node(path).register_parameter(attr, torch.nn.Parameter(torch.zeros(shape, dtype=dtype),
+                                                                   requires_grad=False))
+    return root

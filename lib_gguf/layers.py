@@ -1,0 +1,131 @@
+"""GGUF layers: a ``Linear`` that keeps its weight quantized, and ``load_into``.
+
+:class:`GGUFLinear` holds a :class:`GGUFParameter` (or a plain float weight) and
+dequantizes it in ``forward`` to the input's dtype and device. Run-time LoRA
+deltas attach with ordinary forward hooks (``register_forward_hook``), which may
+return a new output or add into a slice of it: ``lib_lora`` does exactly that, so
+the GGUF bytes are never touched.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Dict, List, Mapping, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+from .errors import GGUFFormatError
+from .parameter import GGUFParameter, dequantize_tensor, is_gguf
+
+log = logging.getLogger(__name__)
+
+
+class GGUFLinear(torch.nn.Module):
+    """``torch.nn.Linear`` with a GGUF weight; ``bias`` may be ``None`` (AuraFlow)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = torch.nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype),
+                                         requires_grad=False)
+        if bias:
+            self.bias = torch.nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype),
+                                           requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> "GGUFLinear":
+        """A GGUFLinear in place of ``linear`` holding ``weight`` (GGUF or float)."""
+        new = cls.__new__(cls)
+        torch.nn.Module.__init__(new)
+        new.in_features = linear.in_features
+        new.out_features = linear.out_features
+        new.weight = weight if isinstance(weight, torch.nn.Parameter) else torch.nn.Parameter(weight, requires_grad=False)
+        if bias is None:
+            new.register_parameter("bias", None)
+        else:
+            new.bias = bias if isinstance(bias, torch.nn.Parameter) else torch.nn.Parameter(bias, requires_grad=False)
+        return new
+
+    def dequantized_weight(self, dtype: torch.dtype, device) -> torch.Tensor:
+        w = self.weight
+        if is_gguf(w):
+            return w.dequantize(dtype, device=device)
+        return w.to(device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantized_weight(x.dtype, x.device)
+        b = None if self.bias is None else self.bias.to(device=x.device, dtype=x.dtype)
+        return F.linear(x, w, b)
+
+    def extra_repr(self) -> str:
+        fmt = getattr(self.weight, "gguf_cls", None)
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"format={fmt.name if fmt is not None else str(self.weight.dtype)}")
+
+
+def _module_and_attr(root: torch.nn.Module, name: str) -> Tuple[torch.nn.Module, str]:
+    path, _, attr = name.rpartition(".")
+    return (root.get_submodule(path) if path else root), attr
+
+
+def load_into(module: torch.nn.Module, path_or_state_dict: Union[str, os.PathLike, Mapping[str, torch.Tensor]],
+              strict: bool = True) -> Dict[str, List[str]]:
+    """Load a GGUF state dict into an existing float module.
+
+    Every ``nn.Linear`` whose weight is GGUF becomes a :class:`GGUFLinear` (same
+    attribute path); float weights are copied; other layers' weights stored
+    quantized (conv, norm, embedding) are dequantized once, here. Returns
+    ``{"missing": [...], "unexpected": [...], "mismatched": [...]}``; with
+    ``strict`` any of them raises one :class:`GGUFFormatError` listing them all,
+    before the module is changed.
+    """
+    source = None
+    if isinstance(path_or_state_dict, Mapping):
+        sd = dict(path_or_state_dict)
+    else:
+        from .reader import load_state_dict
+
+        source = path_or_state_dict
+        sd = load_state_dict(path_or_state_dict)
+    own = dict(module.named_parameters(remove_duplicate=False))
+    own.update(dict(module.named_buffers(remove_duplicate=False)))
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    mismatched = [f"{k}: file {list(sd[k].shape)}, model {list(own[k].shape)}"
+                  for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    problems = {"missing": missing, "unexpected": unexpected, "mismatched": mismatched}
+    if strict and (missing or unexpected or mismatched):
+        parts = [f"{what} ({len(v)}): {', '.join(v[:20])}{' ...' if len(v) > 20 else ''}"
+                 for what, v in problems.items() if v]
+        raise GGUFFormatError("state dict does not fit the model: " + "; ".join(parts), path=source)
+
+    linears = {name: m for name, m in module.named_modules() if isinstance(m, (torch.nn.Linear, GGUFLinear))}
+    for name, value in sd.items():
+        if name not in own or tuple(value.shape) != tuple(own[name].shape):
+            continue
+        mod, attr = _module_and_attr(module, name)
+        mod_name = name[: -len(attr) - 1] if "." in name else ""
+        if is_gguf(value):
+            if attr == "weight" and mod_name in linears:
+                if isinstance(mod, torch.nn.Linear):
+                    new = GGUFLinear.from_linear(mod, value, mod.bias)
+                    parent, child = _module_and_attr(module, mod_name)
+                    setattr(parent, child, new)
+                    linears[mod_name] = new
+                else:
+                    mod.weight = value
+                continue
+            target = own[name]
+            value = dequantize_tensor(value, target.dtype if target.is_floating_point() else torch.float32)
+        target_mod = linears.get(mod_name, mod) if attr in ("weight", "bias") else mod
+        current = getattr(target_mod, attr)
+        with torch.no_grad():
+            if current is None or is_gguf(current):
+                setattr(target_mod, attr, torch.nn.Parameter(value.clone(), requires_grad=False))
+            else:
+                current.copy_(value)
+    return problems

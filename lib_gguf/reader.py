@@ -1,0 +1,220 @@
+"""Reading GGUF files: our own parser, memory-mapped and zero-copy.
+
+It needs no ``import gguf`` (so Forge's bundled old copy, PyPI's newest, or none
+at all make no difference), accepts tensor names of any length, and checks every
+count, length, offset and size against the bytes that are really there before it
+allocates anything: bad files give a :class:`GGUFFormatError` naming the file and
+the field or tensor, never a crash, a hang or a huge allocation.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Tuple, Union
+
+import torch
+
+from .errors import GGUFFormatError
+from .formats import GGMLFormat, get_format
+
+GGUF_MAGIC = b"GGUF"
+DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 8
+
+# GGUF metadata value types: id -> (name, struct format or None)
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+T_STRING, T_ARRAY = 8, 9
+
+_FLOAT_DTYPES = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16, 28: torch.float64, 24: torch.int8,
+                 25: torch.int16, 26: torch.int32, 27: torch.int64}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    format: GGMLFormat
+    shape: Tuple[int, ...]  # logical, torch order (rows last-dim-fastest: shape[-1] is GGUF's ne[0])
+    offset: int  # absolute offset in the file
+    nbytes: int
+
+    @property
+    def n_weights(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+class _Cursor:
+    def __init__(self, buf, path):
+        self.buf = buf
+        self.pos = 0
+        self.end = len(buf)
+        self.path = path
+
+    def need(self, n: int, what: str) -> None:
+        if n < 0 or self.pos + n > self.end:
+            raise GGUFFormatError(f"truncated: {what} needs {n} bytes at offset {self.pos}, "
+                                  f"the file has {self.end - self.pos} left", path=self.path)
+
+    def unpack(self, fmt: str, what: str):
+        size = struct.calcsize(fmt)
+        self.need(size, what)
+        v = struct.unpack_from(fmt, self.buf, self.pos)[0]
+        self.pos += size
+        return v
+
+    def string(self, what: str) -> str:
+        n = self.unpack("<Q", what + " length")
+        self.need(n, what)
+        raw = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise GGUFFormatError(f"{what} is not valid UTF-8", path=self.path) from None
+
+    def value(self, vtype: int, what: str, depth: int = 0):
+        if vtype in _SCALARS:
+            return self.unpack(_SCALARS[vtype], what)
+        if vtype == T_STRING:
+            return self.string(what)
+        if vtype == T_ARRAY:
+            if depth > 4:
+                raise GGUFFormatError(f"{what}: arrays nested too deeply", path=self.path)
+            itype = self.unpack("<I", what + " item type")
+            count = self.unpack("<Q", what + " count")
+            if itype in _SCALARS:
+                size = struct.calcsize(_SCALARS[itype])
+                self.need(count * size, f"{what} ({count} items)")
+                fmt = "<" + str(count) + _SCALARS[itype][1]
+                out = list(struct.unpack_from(fmt, self.buf, self.pos)) if count else []
+                self.pos += count * size
+                return out
+            if itype not in (T_STRING, T_ARRAY):
+                raise GGUFFormatError(f"{what}: unknown array item type {itype}", path=self.path)
+            # each item takes at least 8 bytes (a length or a type + count)
+            self.need(count * 8, f"{what} ({count} items)")
+            return [self.value(itype, what, depth + 1) for _ in range(count)]
+        raise GGUFFormatError(f"{what}: unknown metadata value type {vtype}", path=self.path)
+
+
+class GGUFFile:
+    """A parsed GGUF file: ``version``, ``metadata``, ``tensors`` (list of
+    :class:`TensorInfo`), and zero-copy tensor views with :meth:`tensor`."""
+
+    def __init__(self, path: Union[str, os.PathLike]):
+        self.path = Path(path)
+        try:
+            fh = open(self.path, "rb")
+        except FileNotFoundError:
+            raise GGUFFormatError("file not found", path=self.path) from None
+        except OSError as e:
+            raise GGUFFormatError(f"cannot open: {e}", path=self.path) from None
+        with fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size < 24:
+                raise GGUFFormatError(f"truncated: {size} bytes is too short for a GGUF header", path=self.path)
+            # ACCESS_COPY: a private copy-on-write mapping, writable for torch.frombuffer,
+            # never written back to the file, and copies nothing until written.
+            self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+        self._parse()
+
+    def _parse(self) -> None:
+        c = _Cursor(memoryview(self._mm), self.path)
+        magic = bytes(c.buf[:4])
+        if magic != GGUF_MAGIC:
+            raise GGUFFormatError(f"not a GGUF file (magic {magic!r}, expected b'GGUF')", path=self.path)
+        c.pos = 4
+        self.version = c.unpack("<I", "version")
+        if self.version not in (2, 3):
+            raise GGUFFormatError(f"unsupported GGUF version {self.version} (expected 2 or 3)", path=self.path)
+        n_tensors = c.unpack("<Q", "tensor count")
+        n_kv = c.unpack("<Q", "metadata count")
+        # every key-value takes at least 12 bytes, every tensor info at least 24
+        if n_kv * 12 > c.end or n_tensors * 24 > c.end:
+            raise GGUFFormatError(f"absurd counts: {n_tensors} tensors, {n_kv} metadata entries in a "
+                                  f"{c.end}-byte file", path=self.path)
+        meta: Dict[str, Any] = {}
+        for i in range(n_kv):
+            key = c.string(f"metadata key #{i}")
+            vtype = c.unpack("<I", f"metadata {key!r} type")
+            meta[key] = c.value(vtype, f"metadata {key!r}")
+        self.metadata = meta
+        align = meta.get("general.alignment", DEFAULT_ALIGNMENT)
+        if not isinstance(align, int) or isinstance(align, bool) or align <= 0 or align & (align - 1) or align > 1 << 20:
+            raise GGUFFormatError(f"general.alignment must be a power of two, got {align!r}", path=self.path)
+        self.alignment = align
+        raw = []
+        seen = set()
+        for i in range(n_tensors):
+            name = c.string(f"tensor #{i} name")
+            if name in seen:
+                raise GGUFFormatError("duplicate tensor name", path=self.path, tensor=name)
+            seen.add(name)
+            n_dims = c.unpack("<I", f"tensor {name!r} n_dims")
+            if n_dims > MAX_DIMS:
+                raise GGUFFormatError(f"{n_dims} dimensions (at most {MAX_DIMS})", path=self.path, tensor=name)
+            dims = [c.unpack("<Q", f"tensor {name!r} dims") for _ in range(n_dims)]
+            type_id = c.unpack("<I", f"tensor {name!r} type")
+            offset = c.unpack("<Q", f"tensor {name!r} offset")
+            raw.append((name, dims, type_id, offset))
+        data_start = (c.pos + align - 1) // align * align
+        self.data_offset = data_start
+        infos: List[TensorInfo] = []
+        for name, dims, type_id, offset in raw:
+            fmt = get_format(type_id, tensor=name, path=self.path)
+            n = 1
+            for d in dims:
+                if d == 0 or d > c.end * 8:
+                    raise GGUFFormatError(f"bad dimension {d} in {dims}", path=self.path, tensor=name)
+                n *= d
+            if n > c.end * 8:
+                raise GGUFFormatError(f"dimensions {dims} hold more weights than the file could", path=self.path,
+                                      tensor=name)
+            row = dims[0] if dims else 1
+            if row % fmt.block_size:
+                raise GGUFFormatError(f"rows of {row} are not a whole number of {fmt.name}'s "
+                                      f"{fmt.block_size}-weight blocks", path=self.path, tensor=name)
+            nbytes = n // fmt.block_size * fmt.type_size
+            if offset % align:
+                raise GGUFFormatError(f"data offset {offset} is not aligned to {align}", path=self.path, tensor=name)
+            start = data_start + offset
+            if start + nbytes > c.end:
+                raise GGUFFormatError(f"data runs past the end of the file ({start} + {nbytes} > {c.end})",
+                                      path=self.path, tensor=name)
+            shape = tuple(reversed(dims)) if dims else (1,)
+            infos.append(TensorInfo(name, fmt, shape, start, nbytes))
+        self.tensors = infos
+        self._by_name = {t.name: t for t in infos}
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """A zero-copy view of one tensor: a :class:`GGUFParameter` for quantized
+        types, a plain tensor of its dtype for F32/F16/BF16/F64 and integers."""
+        from .parameter import GGUFParameter
+
+        info = self._by_name[name]
+        if info.nbytes == 0:
+            data = torch.empty(0, dtype=torch.uint8)
+        else:
+            data = torch.frombuffer(self._mm, dtype=torch.uint8, count=info.nbytes, offset=info.offset)
+        dtype = _FLOAT_DTYPES.get(info.format.type_id)
+        if dtype is not None:
+            return data.view(dtype).reshape(info.shape)
+        return GGUFParameter(data.reshape(info.format.byte_shape(info.shape)), info.format, info.shape)
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return {t.name: self.tensor(t.name) for t in self.tensors}
+
+
+def load_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
+    """All tensors of a GGUF file, memory-mapped (no copy of the tensor data)."""
+    return GGUFFile(path).state_dict()
+
+
+def read_metadata(path: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """The file's key-value metadata."""
+    return dict(GGUFFile(path).metadata)
