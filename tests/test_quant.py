@@ -1,0 +1,72 @@
+"""Quantizers: byte-identical to ggml's own (the no-importance-matrix path) on the oracle inputs."""
+import numpy as np
+import pytest
+import torch
+
+import lib_gguf
+from lib_gguf import GGUFFormatError, get_format
+from lib_gguf.formats import _QUANTIZERS, _load_kernels
+
+KINDS = ["normal", "weights", "laplace_outliers", "positive", "negative", "sparse_zero_const_rows", "tiny", "huge",
+         "integers"]
+_load_kernels()
+ORACLE_FORMATS = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL",
+                  "IQ4_XS", "TQ1_0", "TQ2_0", "IQ3_XXS", "IQ3_S", "IQ2_S", "IQ1_M"]
+
+
+def _scale_fields(fmt):
+    """Byte offsets (within a block) of fp16 scale fields, where -0 and +0 are the same scale."""
+    return {"Q4_0": [0], "Q5_0": [0], "Q8_0": [0], "Q4_1": [0, 2], "Q5_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2],
+            "Q2_K": [80, 82], "Q3_K": [108], "Q6_K": [208], "IQ4_NL": [0], "IQ4_XS": [0], "TQ1_0": [52],
+            "TQ2_0": [64], "IQ3_XXS": [0], "IQ3_S": [0], "IQ2_S": [0]}.get(fmt, [])
+
+
+def _normalise_zero_scales(blocks: np.ndarray, fmt: str) -> np.ndarray:
+    b = blocks.copy()
+    for off in _scale_fields(fmt):
+        v = b[:, off:off + 2].copy().view(np.uint16)
+        v[v == 0x8000] = 0
+        b[:, off:off + 2] = v.view(np.uint8)
+    return b
+
+
+@pytest.mark.parametrize("fmt", ORACLE_FORMATS)
+def test_byte_identical_to_ggml(oracle, fmt):
+    if get_format(fmt).type_id not in _QUANTIZERS:
+        pytest.skip(f"no quantizer for {fmt} yet")
+    f = get_format(fmt)
+    for kind in KINDS:
+        x = torch.from_numpy(oracle[f"{kind}.x"])
+        ref = oracle[f"{kind}.{fmt}"].reshape(-1, f.type_size)
+        got = lib_gguf.quantize(x, fmt).numpy().reshape(-1, f.type_size)
+        got, ref = _normalise_zero_scales(got, fmt), _normalise_zero_scales(ref, fmt)
+        bad = np.where((got != ref).any(axis=1))[0]
+        assert len(bad) == 0, f"{fmt} {kind}: {len(bad)} of {len(ref)} blocks differ, first {bad[:5]}"
+
+
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q6_K"])
+def test_round_trip_and_shapes(fmt):
+    if get_format(fmt).type_id not in _QUANTIZERS:
+        pytest.skip(f"no quantizer for {fmt} yet")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 512, generator=g)
+    q = lib_gguf.quantize(x, fmt)
+    f = get_format(fmt)
+    assert q.dtype == torch.uint8 and q.shape == (3, 4, 512 // f.block_size * f.type_size)
+    back = lib_gguf.dequantize(q, fmt, x.shape, torch.float32)
+    rel = ((back - x).norm() / x.norm()).item()
+    assert rel < {"Q8_0": 0.01, "Q6_K": 0.02}.get(fmt, 0.12), rel
+    # half-precision inputs quantize like their float32 values
+    assert torch.equal(lib_gguf.quantize(x.half(), fmt), lib_gguf.quantize(x.half().float(), fmt))
+
+
+def test_rows_not_divisible_are_a_clear_error():
+    with pytest.raises(GGUFFormatError) as e:
+        lib_gguf.quantize(torch.randn(4, 4544 + 16), "Q8_0", name="blocks.0.mlp.weight")
+    assert "blocks.0.mlp.weight" in str(e.value) and "32" in str(e.value)
+
+
+def test_imatrix_formats_say_so():
+    for fmt in ("IQ2_XXS", "IQ2_XS", "IQ1_S"):
+        with pytest.raises(GGUFFormatError, match="importance matrix"):
+            lib_gguf.quantize(torch.randn(2, 256), fmt)
