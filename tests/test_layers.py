@@ -33,9 +33,9 @@ def test_load_into_flux_and_run(tmp_path):
                                           torch.float32), sd["double_blocks.0.img_attn.qkv.bias"].half().float())
     assert torch.allclose(qkv(x), ref, atol=1e-4)
     assert qkv(x.half()).dtype == torch.float16
-    # a float weight stays a plain Linear with the file's values
-    img_in = m.get_submodule("img_in")
-    assert torch.equal(img_in.weight, sd["img_in.weight"].half().float())
+    # float tensors are copied with the file's values
+    scale = m.get_parameter("double_blocks.0.img_attn.norm.query_norm.scale")
+    assert torch.equal(scale, sd["double_blocks.0.img_attn.norm.query_norm.scale"].half().float())
 
 
 def test_no_bias_layer():
