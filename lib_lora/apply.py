@@ -1,0 +1,289 @@
+"""Applying LoRAs to a module: merge-and-requantize, or the run-time low-rank delta.
+
+``apply_loras(module, [(lora, strength), ...], mode, options)`` returns a
+:class:`LoraHandle`. Applying is all-or-nothing: every new weight is computed
+before any is swapped in. ``handle.remove()`` puts back the very parameter
+objects that were there, so every weight is bit-identical to before. In run-time
+mode the GGUF bytes are untouched; a forward hook adds
+``strength * scale * up(down(x))`` to the layer's output (or to its slice of a
+fused output), and changing a strength costs no re-merge.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .errors import LoraError
+from .loader import LoraFile, Patch, load_lora
+from .policy import LoraOptions
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _fmt(p):
+    return getattr(p, "gguf_cls", None) if isinstance(p, torch.Tensor) else None
+
+
+def _dequant(p: torch.Tensor) -> torch.Tensor:
+    fmt = _fmt(p)
+    if fmt is not None:
+        return fmt.dequantize(p.data, p.gguf_shape, torch.float32)
+    return p.detach().to(torch.float32)
+
+
+def _region(w: torch.Tensor, sl) -> torch.Tensor:
+    return w if sl is None else w.narrow(sl[0], sl[1], sl[2])
+
+
+def merged_weight(param: torch.Tensor, patches: Sequence[Tuple[Patch, float]]) -> torch.Tensor:
+    """The float32 weight with every (patch, strength) added (DoRA applied)."""
+    w = _dequant(param).clone()
+    for patch, strength in patches:
+        region = _region(w, patch.slice)
+        delta = patch.delta(tuple(region.shape), torch.float32, w.device)
+        if patch.dora_scale is not None:
+            new = region + delta
+            norm = new.reshape(new.shape[0], -1).norm(dim=1).reshape(-1, *([1] * (new.dim() - 1)))
+            scaled = new * (patch.dora_scale.to(w).reshape(-1, *([1] * (new.dim() - 1))) / norm)
+            region.add_((scaled - region) * strength)
+        else:
+            region.add_(delta, alpha=strength)
+    return w
+
+
+def _requantize(w: torch.Tensor, param: torch.Tensor, options: LoraOptions, name: str):
+    from lib_gguf import GGUFParameter, get_format, quantize
+
+    fmt = _fmt(param)
+    if fmt is None:
+        return torch.nn.Parameter(w.to(param.dtype), requires_grad=False), str(param.dtype).replace("torch.", "")
+    target = get_format(options.target_for(fmt))
+    if not target.fits(w.shape[-1]) or not target.can_quantize:
+        target = get_format("F16")
+    q = quantize(w, target, name=name)
+    new = GGUFParameter(q.to(param.data.device), target, tuple(param.gguf_shape),
+                        computation_dtype=getattr(param, "computation_dtype", torch.float16))
+    new.baked = getattr(param, "baked", False)
+    return new, target.name
+
+
+def merge_keep(param: torch.Tensor, patches: Sequence[Tuple[Patch, float]], options: LoraOptions,
+               max_rows: int = 64) -> float:
+    """The share of the delta a merge would keep: ``<merged - before, delta> / <delta, delta>``,
+    measured by requantizing a sample of rows (1.0 for float parameters)."""
+    from lib_gguf import get_format, quantize
+
+    fmt = _fmt(param)
+    if fmt is None:
+        return 1.0
+    before = _dequant(param)
+    after = merged_weight(param, patches)
+    rows = before.reshape(-1, before.shape[-1])
+    n = rows.shape[0]
+    idx = torch.linspace(0, n - 1, steps=min(n, max_rows)).long()
+    b = rows[idx]
+    a = after.reshape(-1, before.shape[-1])[idx]
+    delta = a - b
+    dd = float((delta * delta).sum())
+    if dd == 0.0:
+        return 1.0
+    target = get_format(options.target_for(fmt))
+    if not target.fits(b.shape[-1]) or not target.can_quantize:
+        return 1.0
+    requant = target.dequantize(quantize(a, target), a.shape, torch.float32)
+    return float(((requant - b) * delta).sum()) / dd
+
+
+@dataclass
+class LayerReport:
+    param: str
+    mode: str  # "merge" or "runtime"
+    why: str
+    format: str = ""
+    kept: Optional[float] = None
+
+
+class _RuntimeHook:
+    """Adds the low-rank deltas of one layer to its output."""
+
+    def __init__(self, module: torch.nn.Module, param_name: str, entries: List[list], compute_dtype):
+        self.module = module
+        self.param_name = param_name
+        self.entries = entries  # [patch, strength_index] pairs; strengths live in the handle
+        self.compute_dtype = compute_dtype
+        self.strengths: List[float] = []
+        self._cache: Dict[tuple, list] = {}
+        self.handle = module.register_forward_hook(self)
+
+    def _factors(self, device, dtype):
+        key = (device, dtype)
+        if key not in self._cache:
+            facs = []
+            for patch, si, dora_factor in self.entries:
+                if patch.is_lowrank:
+                    up = patch.tensors["up"].flatten(1).to(device=device, dtype=dtype)
+                    down = (patch.tensors["down"].flatten(1) * patch.scale).to(device=device, dtype=dtype)
+                    facs.append((patch, si, up, down, None, dora_factor))
+                else:  # LoHa / LoKr / diff: materialised once here, not per step
+                    w = self.module.weight
+                    shape = patch.target_shape(tuple(w.shape))
+                    full = patch.delta(shape, torch.float32).to(device=device, dtype=dtype)
+                    facs.append((patch, si, None, None, full.reshape(full.shape[0], -1), dora_factor))
+            self._cache[key] = facs
+        return self._cache[key]
+
+    def __call__(self, module, inputs, out):
+        x = inputs[0]
+        dtype = self.compute_dtype or x.dtype
+        xin = x.to(dtype)
+        bias = getattr(module, "bias", None)
+        for patch, si, up, down, full, dora in self._factors(x.device, dtype):
+            s = self.strengths[si]
+            if s == 0.0:
+                continue
+            d = (xin @ down.T) @ up.T if full is None else xin @ full.T
+            sl = patch.slice
+            target = out if sl is None else out.narrow(-1, sl[1], sl[2])
+            if dora is not None:  # out' = f * (W x + dW x): per-output factor, computed at apply
+                f = dora.to(device=x.device, dtype=out.dtype)
+                base = target if bias is None else target - _region(bias.to(out), sl)
+                target.add_(((f - 1) * base + f * d.to(out.dtype)) * s)
+            else:
+                target.add_(d.to(out.dtype), alpha=s)
+        return out
+
+    def remove(self):
+        self.handle.remove()
+
+
+@dataclass
+class LoraHandle:
+    module: torch.nn.Module
+    strengths: List[float]
+    report: List[LayerReport] = field(default_factory=list)
+    _originals: Dict[str, torch.Tensor] = field(default_factory=dict)
+    _hooks: List[_RuntimeHook] = field(default_factory=list)
+    removed: bool = False
+
+    def set_strength(self, index: int, strength: float) -> None:
+        """Change a LoRA's strength; only run-time layers follow (merged ones are baked)."""
+        self.strengths[index] = float(strength)
+        for h in self._hooks:
+            h.strengths[index] = float(strength)
+        if any(r.mode == "merge" for r in self.report):
+            log.info("strength changed: run-time layers follow now; merged layers keep the strength they were "
+                     "merged with until the LoRAs are applied again")
+
+    def remove(self) -> None:
+        """Every weight back as it was (the same objects), every hook gone."""
+        if self.removed:
+            return
+        for h in self._hooks:
+            h.remove()
+        for name, original in self._originals.items():
+            mod, attr = _owner(self.module, name)
+            setattr(mod, attr, original)
+        self.removed = True
+
+    def modes(self) -> Dict[str, str]:
+        return {r.param: r.mode for r in self.report}
+
+    def summary(self) -> str:
+        merged = sum(r.mode == "merge" for r in self.report)
+        runtime = len(self.report) - merged
+        moved = [r.param for r in self.report if "would keep" in r.why]
+        s = f"{merged} merged, {runtime} at run time"
+        if moved:
+            s += f"; moved to run time (a merge would lose the delta): {', '.join(moved)}"
+        return s
+
+
+def _owner(root: torch.nn.Module, name: str):
+    path, _, attr = name.rpartition(".")
+    return (root.get_submodule(path) if path else root), attr
+
+
+def apply_loras(module: torch.nn.Module, loras: Sequence[Tuple[Union[LoraFile, str, dict], float]],
+                mode: str = "auto", options: Optional[LoraOptions] = None) -> LoraHandle:
+    """Apply LoRAs to ``module``; see the module docstring."""
+    options = options or LoraOptions()
+    if mode not in ("auto", "merge", "runtime"):
+        raise LoraError(f"mode must be auto, merge or runtime, got {mode!r}")
+    params = dict(module.named_parameters())
+    files = [(l if isinstance(l, LoraFile) else load_lora(l, params), float(s)) for l, s in loras]
+    by_param: Dict[str, List[Tuple[Patch, int]]] = {}
+    for i, (lf, _s) in enumerate(files):
+        for name, patches in lf.patches.items():
+            if name not in params:
+                raise LoraError(f"the module has no parameter {name}", path=lf.path)
+            for p in patches:
+                by_param.setdefault(name, []).append((p, i))
+    strengths = [s for _, s in files]
+    handle = LoraHandle(module, strengths)
+    compute_dtype = _DTYPES.get(options.compute_dtype)
+
+    # 1. decide and compute everything; nothing in the module changes yet
+    new_params: Dict[str, torch.Tensor] = {}
+    runtime: Dict[str, List[list]] = {}
+    for name, plist in by_param.items():
+        param = params[name]
+        fmt = _fmt(param)
+        mod, attr = _owner(module, name)
+        weighted = [(p, strengths[i]) for p, i in plist]
+        is_linear_weight = attr == "weight" and param.dim() == 2 and hasattr(mod, "weight") and hasattr(mod, "forward")
+        if fmt is None:
+            want, why = "merge", "float parameter: merged exactly"
+        else:
+            want = options.mode_for(fmt.name, mode)
+            why = f"{fmt.name}: {'asked' if mode != 'auto' else 'option'} {want}"
+        if want == "runtime" and not is_linear_weight:
+            want, why = "merge", "not a Linear weight: merged"
+        kept = None
+        if want == "merge" and fmt is not None and mode == "auto":
+            kept = merge_keep(param, weighted, options)
+            if kept < options.keep_threshold:
+                if is_linear_weight:
+                    want = "runtime"
+                    why = f"{fmt.name}: a merge would keep {kept:.0%} of the delta (< {options.keep_threshold:.0%})"
+        if want == "merge":
+            try:
+                w = merged_weight(param, weighted)
+                new_params[name], target = _requantize(w, param, options, name)
+            except LoraError:
+                raise
+            except Exception as e:
+                raise LoraError(f"cannot merge into {name}: {e}") from e
+            handle.report.append(LayerReport(name, "merge", why, target, kept))
+        else:
+            entries = []
+            for p, i in plist:
+                dora = None
+                if p.dora_scale is not None:
+                    w = _region(_dequant(param), p.slice)
+                    new = w + p.delta(tuple(w.shape), torch.float32)
+                    dora = (p.dora_scale.float().reshape(-1) / new.reshape(new.shape[0], -1).norm(dim=1))
+                entries.append([p, i, dora])
+            runtime[name] = entries
+            handle.report.append(LayerReport(name, "runtime", why, fmt.name if fmt else "", kept))
+
+    # 2. swap in (cannot fail part-way: attribute assignments and hook registration)
+    try:
+        for name, new in new_params.items():
+            mod, attr = _owner(module, name)
+            handle._originals[name] = getattr(mod, attr)
+            setattr(mod, attr, new)
+        for name, entries in runtime.items():
+            mod, _ = _owner(module, name)
+            hook = _RuntimeHook(mod, name, entries, compute_dtype)
+            hook.strengths = handle.strengths
+            handle._hooks.append(hook)
+    except BaseException:
+        handle.remove()
+        raise
+    log.info("LoRA applied: %s", handle.summary())
+    return handle

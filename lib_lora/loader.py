@@ -1,0 +1,232 @@
+"""Reading LoRA files into patches keyed by model parameter.
+
+``load_lora(path_or_state_dict, model_keys)`` returns a :class:`LoraFile`: its
+``patches`` (model parameter name -> list of :class:`Patch`) and ``unplaced``
+(every LoRA key it could not place, with the reason: never silently dropped).
+A shape that does not fit, or a LoRA for another architecture, raises
+:class:`LoraError` naming the file and the key.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
+
+import torch
+
+from .errors import LoraError
+from .keymaps import KeyMap, split_key
+
+Slice = Tuple[int, int, int]
+
+
+@dataclass
+class Patch:
+    """One LoRA's change to one parameter (or a slice of it, for fused weights)."""
+
+    key: str  # model parameter name
+    kind: str  # "lora", "loha", "lokr", "diff"
+    tensors: Dict[str, torch.Tensor]
+    alpha: Optional[float] = None
+    dora_scale: Optional[torch.Tensor] = None
+    slice: Optional[Slice] = None  # (dim, start, length) of the parameter
+    source: str = ""  # the LoRA stem it came from
+
+    @property
+    def rank(self) -> int:
+        if self.kind == "lora":
+            return int(self.tensors["down"].shape[0])
+        if self.kind == "loha":
+            return int(self.tensors["hada_w1_b"].shape[0])
+        return 0
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank (1 when the file gives no alpha)."""
+        r = self.rank
+        return float(self.alpha) / r if (self.alpha is not None and r) else 1.0
+
+    @property
+    def is_lowrank(self) -> bool:
+        return self.kind == "lora" and "mid" not in self.tensors
+
+    def target_shape(self, param_shape: Tuple[int, ...]) -> Tuple[int, ...]:
+        if self.slice is None:
+            return tuple(param_shape)
+        dim, _, length = self.slice
+        s = list(param_shape)
+        s[dim] = length
+        return tuple(s)
+
+    def delta(self, shape: Tuple[int, ...], dtype=torch.float32, device=None) -> torch.Tensor:
+        """The full delta (without strength, without DoRA) of the patched region, reshaped to ``shape``."""
+        t = {k: v.to(device=device, dtype=dtype) for k, v in self.tensors.items()}
+        if self.kind == "lora":
+            up, down = t["up"].flatten(1), t["down"].flatten(1)
+            if "mid" in t:  # LoCon's mid (Tucker) factor
+                down = t["mid"].flatten(1) @ down if t["mid"].dim() == 2 else down
+            d = (up @ down) * self.scale
+        elif self.kind == "loha":
+            d = (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"]) * self.scale
+        elif self.kind == "lokr":
+            w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
+            w2 = t["lokr_w2"] if "lokr_w2" in t else t["lokr_w2_a"] @ t["lokr_w2_b"]
+            scale = 1.0
+            if self.alpha is not None and ("lokr_w1_b" in t or "lokr_w2_b" in t):
+                r = (t["lokr_w1_b"] if "lokr_w1_b" in t else t["lokr_w2_b"]).shape[0]
+                scale = float(self.alpha) / r
+            d = torch.kron(w1, w2.reshape(w2.shape[0], -1) if w2.dim() > 2 else w2) * scale
+        elif self.kind == "diff":
+            d = t["diff"]
+        else:  # pragma: no cover - kinds are fixed by the loader
+            raise LoraError(f"unknown patch kind {self.kind}", key=self.source)
+        n = 1
+        for s in shape:
+            n *= s
+        if d.numel() != n:
+            raise LoraError(f"delta has {tuple(d.shape)} ({d.numel()} values), the layer needs {tuple(shape)}",
+                            key=self.source)
+        return d.reshape(shape)
+
+
+@dataclass
+class LoraFile:
+    path: Optional[str]
+    patches: Dict[str, List[Patch]] = field(default_factory=dict)
+    unplaced: Dict[str, str] = field(default_factory=dict)  # LoRA key -> why
+
+    @property
+    def n_patches(self) -> int:
+        return sum(len(v) for v in self.patches.values())
+
+    def report(self) -> str:
+        lines = [f"{self.path or 'LoRA'}: {self.n_patches} patches on {len(self.patches)} parameters"]
+        if self.unplaced:
+            lines.append(f"{len(self.unplaced)} keys not placed:")
+            lines += [f"  {k}: {why}" for k, why in sorted(self.unplaced.items())]
+        return "\n".join(lines)
+
+
+def _model_shapes(model_keys) -> Dict[str, Tuple[int, ...]]:
+    if isinstance(model_keys, torch.nn.Module):
+        return {k: tuple(v.shape) for k, v in model_keys.named_parameters()}
+    if isinstance(model_keys, Mapping):
+        out = {}
+        for k, v in model_keys.items():
+            out[k] = tuple(v.shape) if hasattr(v, "shape") else tuple(v)
+        return out
+    raise LoraError("model_keys must be a module or a mapping of parameter name -> shape (or tensor)")
+
+
+def _read(path_or_sd) -> Tuple[Optional[str], Dict[str, torch.Tensor]]:
+    if isinstance(path_or_sd, Mapping):
+        return None, dict(path_or_sd)
+    path = Path(path_or_sd)
+    if not path.exists():
+        raise LoraError("file not found", path=path)
+    try:
+        from safetensors.torch import load_file
+
+        return str(path), load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for bad files
+        raise LoraError(f"not a readable safetensors file ({e})", path=path) from None
+
+
+def load_lora(path_or_state_dict, model_keys) -> LoraFile:
+    """Read a LoRA (``.safetensors`` path or state dict) against a model's parameters."""
+    path, sd = _read(path_or_state_dict)
+    shapes = _model_shapes(model_keys)
+    km = KeyMap(shapes)
+    lf = LoraFile(path)
+    groups: Dict[str, Dict[str, torch.Tensor]] = {}
+    for key, value in sd.items():
+        sk = split_key(key)
+        if sk is None:
+            lf.unplaced[key] = "not a LoRA key this extension knows"
+            continue
+        stem, part = sk
+        groups.setdefault(stem, {})[part] = value
+    placed_any = False
+    for stem, parts in groups.items():
+        keys = [f"{stem}.{p}" for p in parts]
+        target = km.resolve(stem)
+        if target is None:
+            for k in keys:
+                lf.unplaced[k] = "no matching layer in this model"
+            continue
+        pname, sl = target
+        alpha = parts.get("alpha")
+        alpha = float(alpha.float().reshape(-1)[0]) if isinstance(alpha, torch.Tensor) else alpha
+        dora = parts.get("dora_scale")
+        patches: List[Patch] = []
+        if "diff_b" in parts:
+            bname = km.bias_of(pname)
+            if bname is None:
+                lf.unplaced[f"{stem}.diff_b"] = "the layer has no bias"
+            else:
+                patches.append(Patch(bname, "diff", {"diff": parts["diff_b"]}, source=stem,
+                                     slice=(0, sl[1], sl[2]) if sl else None))
+        if "up" in parts and "down" in parts:
+            t = {"up": parts["up"], "down": parts["down"]}
+            if "mid" in parts:
+                t["mid"] = parts["mid"]
+            patches.append(Patch(pname, "lora", t, alpha, dora, sl, stem))
+        elif {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} <= set(parts):
+            t = {k: parts[k] for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
+            patches.append(Patch(pname, "loha", t, alpha, dora, sl, stem))
+        elif any(k.startswith("lokr_w1") for k in parts) and any(k.startswith("lokr_w2") for k in parts):
+            t = {k: v for k, v in parts.items() if k.startswith("lokr_")}
+            patches.append(Patch(pname, "lokr", t, alpha, dora, sl, stem))
+        elif "diff" in parts:
+            patches.append(Patch(pname, "diff", {"diff": parts["diff"]}, None, None, sl, stem))
+        elif "diff_b" not in parts:
+            for k in keys:
+                lf.unplaced[k] = f"incomplete: has {sorted(parts)}"
+            continue
+        for p in patches:
+            shape = p.target_shape(shapes[p.key])
+            _check_shape(p, shape, path)
+            lf.patches.setdefault(p.key, []).append(p)
+            placed_any = True
+    if sd and not placed_any:
+        sample = next(iter(sd))
+        raise LoraError(f"none of its {len(sd)} keys match this model (a LoRA for another architecture?); "
+                        f"first key {sample!r}", path=path)
+    return lf
+
+
+def _check_shape(p: Patch, shape: Tuple[int, ...], path) -> None:
+    t = p.tensors
+    if p.kind == "lora":
+        up, down = t["up"], t["down"]
+        if up.dim() < 2 or down.dim() < 2 or up.shape[1] != down.shape[0]:
+            raise LoraError(f"up {tuple(up.shape)} and down {tuple(down.shape)} do not multiply", path=path,
+                            key=p.source)
+        n_in = 1
+        for s in down.shape[1:]:
+            n_in *= s
+        if up.shape[0] != shape[0] or (len(shape) > 1 and n_in != _prod(shape[1:])):
+            raise LoraError(f"makes a {up.shape[0]}x{n_in} delta, the layer {p.key} is {list(shape)}",
+                            path=path, key=p.source)
+        if p.dora_scale is not None and p.dora_scale.numel() != shape[0]:
+            raise LoraError(f"dora_scale has {p.dora_scale.numel()} values, the layer has {shape[0]} outputs",
+                            path=path, key=p.source)
+    elif p.kind == "diff":
+        if t["diff"].numel() != _prod(shape):
+            raise LoraError(f"diff of shape {tuple(t['diff'].shape)} does not fit {p.key} {list(shape)}", path=path,
+                            key=p.source)
+    else:
+        try:
+            p.delta(shape)
+        except LoraError as e:
+            raise LoraError(str(e), path=path, key=p.source) from None
+        except RuntimeError as e:
+            raise LoraError(f"factors do not combine: {e}", path=path, key=p.source) from None
+
+
+def _prod(s) -> int:
+    n = 1
+    for v in s:
+        n *= v
+    return n
