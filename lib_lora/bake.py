@@ -1,0 +1,113 @@
+"""Baking LoRAs into a new GGUF file: merge in float32, requantize each tensor to
+its own format, stream tensor by tensor, write atomically, leave the inputs as
+they are, and record the LoRAs and strengths in the metadata."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .apply import merged_weight
+from .errors import LoraError
+from .loader import load_lora
+from .policy import LoraOptions
+
+
+@dataclass
+class BakeResult:
+    path: str
+    merged: Dict[str, str] = field(default_factory=dict)  # tensor -> format written
+    unplaced: Dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def text(self) -> str:
+        lines = [f"{self.path}: merged {len(self.merged)} tensors in {self.seconds:.1f} s"]
+        changed = {k: v for k, v in self.merged.items() if "->" in v}
+        if changed:
+            lines.append("requantized into another format (no quantizer for the original):")
+            lines += [f"  {k}: {v}" for k, v in changed.items()]
+        if self.unplaced:
+            lines.append(f"{len(self.unplaced)} LoRA keys not placed:")
+            lines += [f"  {k}: {why}" for k, why in sorted(self.unplaced.items())]
+        return "\n".join(lines)
+
+
+class _Merged:
+    """A tensor the writer computes when it reaches it."""
+
+    def __init__(self, name, param, patches, fmt, on_done):
+        self.name, self.param, self.patches, self.on_done = name, param, patches, on_done
+        self.gguf_cls = fmt
+        self.gguf_shape = tuple(param.shape)
+
+    def materialize(self):
+        from lib_gguf import quantize
+
+        w = merged_weight(self.param, self.patches)
+        self.on_done(self.name)
+        if self.gguf_cls.is_float:
+            return w.to({0: torch.float32, 1: torch.float16, 30: torch.bfloat16, 28: torch.float64}[self.gguf_cls.type_id])
+        return quantize(w, self.gguf_cls, name=self.name)
+
+
+def bake_loras(model_path: Union[str, Path], loras: Sequence[Tuple[Union[str, Path, dict], float]],
+               out_path: Union[str, Path], progress: Optional[Callable[[int, int, str], None]] = None,
+               options: Optional[LoraOptions] = None) -> BakeResult:
+    from lib_gguf import get_format
+    from lib_gguf.reader import GGUFFile
+    from lib_gguf.writer import save
+
+    t0 = time.perf_counter()
+    options = options or LoraOptions()
+    model_path, out_path = Path(model_path), Path(out_path)
+    if out_path.exists() and out_path.resolve() == model_path.resolve():
+        raise LoraError("the output would overwrite the model", path=out_path)
+    f = GGUFFile(model_path)
+    sd = f.state_dict()
+    files = [(load_lora(l, sd), float(s)) for l, s in loras]
+    result = BakeResult(str(out_path))
+    by_param: Dict[str, list] = {}
+    for lf, s in files:
+        for k, why in lf.unplaced.items():
+            result.unplaced[f"{lf.path}: {k}" if lf.path else k] = why
+        for name, patches in lf.patches.items():
+            by_param.setdefault(name, []).extend((p, s) for p in patches)
+    total = len(by_param)
+    done: List[str] = []
+
+    def on_done(name):
+        done.append(name)
+        if progress is not None:
+            progress(len(done), total, name)
+
+    tensors = {}
+    for name, t in sd.items():
+        if name not in by_param:
+            tensors[name] = t
+            continue
+        fmt = getattr(t, "gguf_cls", None)
+        if fmt is None:
+            out_fmt = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.float64: "F64"}.get(t.dtype)
+            if out_fmt is None:
+                raise LoraError(f"cannot merge into a {t.dtype} tensor", path=model_path, key=name)
+            out = get_format(out_fmt)
+            result.merged[name] = out.name
+        else:
+            out = get_format(options.target_for(fmt))
+            if not out.fits(t.shape[-1]) or not out.can_quantize:
+                out = get_format("F16")
+            result.merged[name] = out.name if out is fmt else f"{fmt.name} -> {out.name}"
+        tensors[name] = _Merged(name, t, by_param[name], out, on_done)
+    meta = dict(f.metadata)
+    meta.pop("general.alignment", None)
+    meta["forge_gguf_lora.loras"] = json.dumps([[str(l if not isinstance(l, dict) else "<state dict>"), float(s)]
+                                                for l, s in loras])
+    meta["forge_gguf_lora.baked_from"] = model_path.name
+    save(out_path, tensors, meta, alignment=f.alignment)
+    result.seconds = time.perf_counter() - t0
+    return result
