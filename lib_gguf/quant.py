@@ -142,3 +142,218 @@ register_quantizer(GGMLType.Q4_0)(lambda x: _symmetric(x, 4))
 register_quantizer(GGMLType.Q5_0)(lambda x: _symmetric(x, 5))
 register_quantizer(GGMLType.Q4_1)(lambda x: _asymmetric(x, 4))
 register_quantizer(GGMLType.Q5_1)(lambda x: _asymmetric(x, 5))
+
+
+# -- K-quants (ggml's quantize_row_q*_K_ref) -----------------------------------------
+#
+# ggml sums in element order in float32; so do we: the loops below run over the
+# (16 or 32) elements of a sub-block, each step vectorized over every sub-block at
+# once, which reproduces C's rounding exactly.
+
+def nearest_int(v: torch.Tensor) -> torch.Tensor:
+    """ggml's nearest_int: round half to even (its magic-number trick), as float."""
+    return torch.round(v)
+
+
+def _seq_sum(terms) -> torch.Tensor:
+    acc = None
+    for t in terms:
+        acc = t if acc is None else acc + t
+    return acc
+
+
+def _make_qx_quants(x: torch.Tensor, nmax: int):
+    """ggml's make_qx_quants with rmse_type 1 (weights x*x): per row of ``x`` (n, k),
+    returns (scale (n,), L (n, k) in 0..2*nmax-1 as float)."""
+    n, k = x.shape
+    ax = x.abs()
+    idx = ax.argmax(dim=1, keepdim=True)
+    mx = x.gather(1, idx).squeeze(1)
+    amax = ax.gather(1, idx).squeeze(1)
+    zero = amax < 1e-15
+    safe_max = torch.where(zero, torch.ones_like(mx), mx)
+    w = x * x
+
+    def attempt(iscale):
+        l = nearest_int(iscale[:, None] * x).clamp(-nmax, nmax - 1)
+        sumlx = _seq_sum(w[:, i] * x[:, i] * l[:, i] for i in range(k))
+        suml2 = _seq_sum(w[:, i] * l[:, i] * l[:, i] for i in range(k))
+        return l, sumlx, suml2
+
+    iscale = -float(nmax) / safe_max
+    l, sumlx, suml2 = attempt(iscale)
+    scale = torch.where(suml2 != 0, sumlx / torch.where(suml2 != 0, suml2, torch.ones_like(suml2)),
+                        torch.zeros_like(suml2))
+    best = scale * sumlx
+    L = l
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        off = torch.tensor(0.1, dtype=torch.float32) * torch.tensor(float(step), dtype=torch.float32)
+        iscale = -(float(nmax) + off) / safe_max
+        l2, sumlx2, suml22 = attempt(iscale)
+        better = (suml22 > 0) & (sumlx2 * sumlx2 > best * suml22)
+        L = torch.where(better[:, None], l2, L)
+        new_scale = sumlx2 / torch.where(suml22 > 0, suml22, torch.ones_like(suml22))
+        scale = torch.where(better, new_scale, scale)
+        best = torch.where(better, new_scale * sumlx2, best)
+    L = torch.where(zero[:, None], torch.full_like(L, -nmax), L) + nmax
+    scale = torch.where(zero, torch.zeros_like(scale), scale)
+    return scale, L
+
+
+def _make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int):
+    """ggml's make_qkx2_quants (use_mad false): per row of ``x`` (n, k), (scale, the_min, L).
+
+    Works on the transposed (k, n) layout so that each of the element-order steps
+    is one contiguous vector operation over every sub-block."""
+    xt = x.t().contiguous()
+    wt = weights.t().contiguous()
+    k = xt.shape[0]
+    mn = xt.amin(dim=0)
+    mx = xt.amax(dim=0)
+    sum_w = _seq_sum(wt[i] for i in range(k))
+    sum_x = _seq_sum(wt[i] * xt[i] for i in range(k))
+    mn = torch.where(mn > 0, torch.zeros_like(mn), mn)
+    flat = mx == mn
+    one = torch.ones_like(mx)
+    rng = torch.where(flat, one, mx - mn)
+    iscale = float(nmax) / rng
+    scale = 1.0 / iscale
+    L = nearest_int(iscale * (xt - mn)).clamp_(0, nmax)
+    diff = scale * L + mn - xt
+    diff = diff * diff
+    best_mad = _seq_sum(wt[i] * diff[i] for i in range(k))
+    f32 = lambda v: torch.tensor(v, dtype=torch.float32)
+    for step in range(nstep + 1):
+        num = f32(rmin) + f32(rdelta) * f32(float(step)) + f32(float(nmax))
+        # ggml updates ``min`` in place when a step wins, and later steps use it
+        rng = torch.where(flat, one, mx - mn)
+        iscale = num / rng
+        l = nearest_int(iscale * (xt - mn)).clamp_(0, nmax)
+        wl = wt * l
+        sum_l = _seq_sum(wl[i] for i in range(k))
+        sum_l2 = _seq_sum(wl[i] * l[i] for i in range(k))
+        sum_xl = _seq_sum(wl[i] * xt[i] for i in range(k))
+        D = sum_w * sum_l2 - sum_l * sum_l
+        ok = D > 0
+        Ds = torch.where(ok, D, one)
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / Ds
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / Ds
+        pos = this_min > 0
+        this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
+        this_scale = torch.where(pos, sum_xl / torch.where(sum_l2 != 0, sum_l2, one), this_scale)
+        d2 = this_scale * l + this_min - xt
+        d2 = d2 * d2
+        mad = _seq_sum(wt[i] * d2[i] for i in range(k))
+        better = ok & (mad < best_mad)
+        L = torch.where(better, l, L)
+        best_mad = torch.where(better, mad, best_mad)
+        scale = torch.where(better, this_scale, scale)
+        mn = torch.where(better, this_min, mn)
+    L = torch.where(flat, torch.zeros_like(L), L)
+    scale = torch.where(flat, torch.zeros_like(scale), scale)
+    return scale, -mn, L.t()
+
+
+def _f16_round(v: torch.Tensor) -> torch.Tensor:
+    return v.to(torch.float16).to(torch.float32)
+
+
+def _running_max_positive(v: torch.Tensor) -> torch.Tensor:
+    """``m = 0; for s in v: if s > m: m = s`` along the last dim."""
+    return v.clamp(min=0).amax(dim=-1) + 0.0  # + 0.0: a zero result is +0, as in C
+
+
+def _pack_k_scales(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
+    """8 six-bit scales and mins -> ggml's 12-byte K-quant scale layout."""
+    ls = ls.to(torch.uint8)
+    lm = lm.to(torch.uint8)
+    out = torch.zeros(ls.shape[0], 12, dtype=torch.uint8, device=ls.device)
+    out[:, 0:4] = ls[:, 0:4] | ((ls[:, 4:8] >> 4) << 6)
+    out[:, 4:8] = lm[:, 0:4] | ((lm[:, 4:8] >> 4) << 6)
+    out[:, 8:12] = (ls[:, 4:8] & 0xF) | ((lm[:, 4:8] & 0xF) << 4)
+    return out
+
+
+def _q45_k(x: torch.Tensor, nmax: int, rmin: float, nstep: int):
+    nb = x.shape[0]
+    sub = x.reshape(nb * 8, 32)
+    st = sub.t()
+    sum_x2 = _seq_sum(st[i] * st[i] for i in range(32))
+    av_x = torch.sqrt(sum_x2 / 32)
+    weights = av_x[:, None] + sub.abs()
+    scales, mins, L = _make_qkx2_quants(sub, weights, nmax, rmin, 0.1, nstep)
+    scales = scales.reshape(nb, 8)
+    mins = mins.reshape(nb, 8)
+    L = L.reshape(nb, 256)
+    max_scale = _running_max_positive(scales)
+    max_min = _running_max_positive(mins)
+    inv_scale = torch.where(max_scale > 0, 63.0 / torch.where(max_scale > 0, max_scale, torch.ones_like(max_scale)),
+                            torch.zeros_like(max_scale))
+    inv_min = torch.where(max_min > 0, 63.0 / torch.where(max_min > 0, max_min, torch.ones_like(max_min)),
+                          torch.zeros_like(max_min))
+    # uint8_t ls = nearest_int(...): an int narrowed to 8 bits, then MIN(63, ...)
+    ls = (nearest_int(inv_scale[:, None] * scales).to(torch.int32) & 0xFF).clamp(max=63)
+    lm = (nearest_int(inv_min[:, None] * mins).to(torch.int32) & 0xFF).clamp(max=63)
+    d = max_scale / 63.0
+    dmin = max_min / 63.0
+    dd = _f16_round(d)[:, None] * ls.to(torch.float32)
+    dm = _f16_round(dmin)[:, None] * lm.to(torch.float32)
+    xs = x.reshape(nb, 8, 32)
+    safe = torch.where(dd != 0, dd, torch.ones_like(dd))
+    Lnew = nearest_int((xs + dm[:, :, None]) / safe[:, :, None]).clamp(0, nmax)
+    L = torch.where((dd != 0)[:, :, None], Lnew, L.reshape(nb, 8, 32)).reshape(nb, 256).to(torch.uint8)
+    head = torch.cat([_f16_bytes(d), _f16_bytes(dmin), _pack_k_scales(ls, lm)], dim=1)
+    return head, L
+
+
+@register_quantizer(GGMLType.Q4_K)
+def _q4_k(x: torch.Tensor) -> torch.Tensor:
+    head, L = _q45_k(x, 15, -1.0, 20)
+    L = L.reshape(-1, 4, 2, 32)
+    qs = (L[:, :, 0] | (L[:, :, 1] << 4)).reshape(-1, 128)
+    return torch.cat([head, qs], dim=1)
+
+
+@register_quantizer(GGMLType.Q5_K)
+def _q5_k(x: torch.Tensor) -> torch.Tensor:
+    head, L = _q45_k(x, 31, -0.5, 15)
+    L = L.reshape(-1, 4, 2, 32)
+    lo = L & 0xF
+    hi = (L >> 4) & 1  # (nb, 4, 2, 32): bit 2*n (+1 for the second half) of qh[j]
+    shifts = (torch.arange(4, device=x.device).reshape(1, 4, 1, 1) * 2
+              + torch.arange(2, device=x.device).reshape(1, 1, 2, 1)).to(torch.uint8)
+    qh = (hi << shifts).sum(dim=(1, 2)).to(torch.uint8)
+    qs = (lo[:, :, 0] | (lo[:, :, 1] << 4)).reshape(-1, 128)
+    return torch.cat([head, qh, qs], dim=1)
+
+
+@register_quantizer(GGMLType.Q6_K)
+def _q6_k(x: torch.Tensor) -> torch.Tensor:
+    nb = x.shape[0]
+    sub = x.reshape(nb * 16, 16)
+    scales, L = _make_qx_quants(sub, 32)
+    scales = scales.reshape(nb, 16)
+    L = L.reshape(nb, 16, 16)
+    sa = scales.abs()
+    idx = sa.argmax(dim=1, keepdim=True)
+    max_abs = sa.gather(1, idx).squeeze(1)
+    max_scale = scales.gather(1, idx).squeeze(1)
+    zero = max_abs < 1e-15
+    safe = torch.where(zero, torch.ones_like(max_scale), max_scale)
+    iscale = -128.0 / safe
+    d = torch.where(zero, torch.zeros_like(iscale), 1.0 / iscale)
+    sc = nearest_int(iscale[:, None] * scales).clamp(max=127)
+    sc = torch.where(zero[:, None], torch.zeros_like(sc), sc)
+    dd = _f16_round(d)[:, None] * sc
+    safe_dd = torch.where(dd != 0, dd, torch.ones_like(dd))
+    Lnew = nearest_int(x.reshape(nb, 16, 16) / safe_dd[:, :, None]).clamp(-32, 31) + 32
+    L = torch.where((dd != 0)[:, :, None], Lnew, L)
+    L = torch.where(zero[:, None, None], torch.zeros_like(L), L).reshape(nb, 2, 4, 32).to(torch.uint8)
+    ql = torch.cat([(L[:, :, 0] & 0xF) | ((L[:, :, 2] & 0xF) << 4), (L[:, :, 1] & 0xF) | ((L[:, :, 3] & 0xF) << 4)],
+                   dim=2).reshape(nb, 128)
+    qh = ((L[:, :, 0] >> 4) | ((L[:, :, 1] >> 4) << 2) | ((L[:, :, 2] >> 4) << 4) | ((L[:, :, 3] >> 4) << 6))
+    qh = qh.reshape(nb, 64)
+    sc8 = sc.to(torch.int8).view(torch.uint8)
+    return torch.cat([ql, qh, sc8, _f16_bytes(d)], dim=1)

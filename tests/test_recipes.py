@@ -4,6 +4,8 @@ import json
 import pytest
 import torch
 
+import lib_gguf
+
 from lib_gguf import GGUFFormatError
 from lib_gguf.recipes import PRESETS, Recipe, count_layers, detect_architecture, parse_rules, plan_model
 from lib_gguf.sample import FluxConfig, flux_shapes
@@ -48,10 +50,14 @@ def test_flux_q4_k_s_keeps_sensitive_layers_and_quantizes_blocks():
 
 def test_m_mix_raises_ffn_down_in_some_layers_l_mix_in_all():
     shapes = flux_shapes(FULL_FLUX)
-    m = _plan("Q3_K_M", shapes)
-    raised = [i for i in range(19) if m[f"double_blocks.{i}.img_mlp.2.weight"].format.name == "Q4_K"]
+    m = _plan("Q4_K_M", shapes)
+    raised = [i for i in range(19) if m[f"double_blocks.{i}.img_mlp.2.weight"].format.name == "Q5_K"]
     assert 0 in raised and 18 in raised and 0 < len(raised) < 19
-    assert m["double_blocks.1.img_mlp.0.weight"].format.name == "Q3_K"  # FFN-up is not raised
+    assert m["double_blocks.1.img_mlp.0.weight"].format.name == "Q4_K"  # FFN-up is not raised
+    s = _plan("Q4_K_S", shapes)
+    assert all(s[f"double_blocks.{i}.img_mlp.2.weight"].format.name == "Q4_K" for i in range(19))
+    if not lib_gguf.get_format("Q3_K").can_quantize:
+        return
     l = _plan("Q3_K_L", shapes)
     assert all(l[f"double_blocks.{i}.img_mlp.2.weight"].format.name == "Q4_K" for i in range(19))
     assert all(l[f"single_blocks.{i}.linear2.weight"].format.name == "Q4_K" for i in range(38))
