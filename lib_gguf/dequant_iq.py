@@ -1,0 +1,120 @@
+"""Dequantizers for the non-linear, ternary and micro-scaled FP4 formats:
+IQ4_NL, IQ4_XS, TQ1_0, TQ2_0, MXFP4 and NVFP4 (torch, any device).
+
+Each follows the block layout of ggml-common.h; in float32 the values equal
+``gguf.quants.dequantize`` bit for bit (every product here is exact or a single
+float32 multiplication, as in gguf-py).
+"""
+from __future__ import annotations
+
+import torch
+
+from .formats import GGMLType, register_dequantizer
+
+# IQ4_NL / IQ4_XS: the 16 non-linear levels (a format constant of ggml).
+IQ4NL_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+# FP4 (E2M1) values, doubled so that they are integers; the block scales carry the 1/2.
+E2M1_DOUBLED = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
+
+_tables: dict = {}
+
+
+def _table(values, device) -> torch.Tensor:
+    key = (values, str(device))
+    t = _tables.get(key)
+    if t is None:
+        t = torch.tensor(values, dtype=torch.float32, device=device)
+        _tables[key] = t
+    return t
+
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    """(n, 2) uint8 -> (n, 1) float32 from fp16 bits."""
+    return b.contiguous().view(torch.float16).to(torch.float32)
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """(n, k) bytes -> (n, 2k): the k low nibbles, then the k high nibbles."""
+    return torch.cat([qs & 0x0F, qs >> 4], dim=-1).long()
+
+
+@register_dequantizer(GGMLType.IQ4_NL)
+def _iq4_nl(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    d = _f16(blocks[:, :2])
+    vals = _table(IQ4NL_LEVELS, blocks.device)[_nibbles(blocks[:, 2:])]
+    return (d * vals).to(dtype)
+
+
+@register_dequantizer(GGMLType.IQ4_XS)
+def _iq4_xs(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    n = blocks.shape[0]
+    d = _f16(blocks[:, :2])
+    scales_h = blocks[:, 2:4].contiguous().view(torch.int16).to(torch.int32) & 0xFFFF  # (n, 1)
+    scales_l = blocks[:, 4:8].to(torch.int32)  # 8 four-bit lows
+    ib = torch.arange(8, device=blocks.device)
+    lo = (scales_l[:, ib // 2] >> (4 * (ib % 2))) & 0x0F
+    hi = (scales_h >> (2 * ib)) & 0x03
+    ls = (lo | (hi << 4)) - 32
+    dl = d * ls.to(torch.float32)  # (n, 8)
+    qs = blocks[:, 8:].reshape(n, 8, 16)
+    vals = _table(IQ4NL_LEVELS, blocks.device)[_nibbles(qs)]  # (n, 8, 32)
+    return (dl[:, :, None] * vals).reshape(n, 256).to(dtype)
+
+
+@register_dequantizer(GGMLType.TQ1_0)
+def _tq1_0(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    n = blocks.shape[0]
+    dev = blocks.device
+    qs, qh, d = blocks[:, :48], blocks[:, 48:52], _f16(blocks[:, 52:54])
+    # base-3 digits: multiplying a byte by 3**k (mod 256) brings digit k to the top
+    p5 = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int32, device=dev)
+    p4 = p5[:4]
+    q0 = (qs[:, :32].to(torch.int32)[:, None, :] * p5[None, :, None]) & 0xFF  # (n, 5, 32)
+    q1 = (qs[:, 32:48].to(torch.int32)[:, None, :] * p5[None, :, None]) & 0xFF  # (n, 5, 16)
+    q2 = (qh.to(torch.int32)[:, None, :] * p4[None, :, None]) & 0xFF  # (n, 4, 4)
+    q = torch.cat([q0.reshape(n, -1), q1.reshape(n, -1), q2.reshape(n, -1)], dim=1)
+    t = ((q * 3) >> 8) - 1
+    return (d * t.to(torch.float32)).to(dtype)
+
+
+@register_dequantizer(GGMLType.TQ2_0)
+def _tq2_0(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    n = blocks.shape[0]
+    qs, d = blocks[:, :64], _f16(blocks[:, 64:66])
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=blocks.device)
+    q = (qs.reshape(n, 2, 1, 32) >> shifts.reshape(1, 1, 4, 1)) & 0x03
+    t = q.reshape(n, 256).to(torch.int32) - 1
+    return (d * t.to(torch.float32)).to(dtype)
+
+
+def _e8m0_half(e: torch.Tensor) -> torch.Tensor:
+    """UE8M0 scale byte -> float32 2**(e-128) (half the E8M0 value), exact, subnormals included."""
+    e = e.to(torch.int32)
+    bits = torch.where(e < 2, torch.tensor(0x00200000, dtype=torch.int32, device=e.device) << e, (e - 1) << 23)
+    return bits.view(torch.float32)
+
+
+@register_dequantizer(GGMLType.MXFP4)
+def _mxfp4(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    d = _e8m0_half(blocks[:, :1])
+    vals = _table(E2M1_DOUBLED, blocks.device)[_nibbles(blocks[:, 1:])]
+    return (d * vals).to(dtype)
+
+
+def _ue4m3_half(x: torch.Tensor) -> torch.Tensor:
+    """Unsigned E4M3 scale byte -> float32, times 1/2 (the doubled-E2M1 convention)."""
+    x = x.to(torch.int32)
+    exp = (x >> 3) & 0xF
+    man = (x & 0x7).to(torch.float32)
+    normal = (1.0 + man / 8.0) * torch.pow(2.0, (exp - 7).to(torch.float32))
+    raw = torch.where(exp == 0, man * 2.0 ** -9, normal)
+    return torch.where((x == 0) | (x == 0x7F), torch.zeros_like(raw), raw * 0.5)
+
+
+@register_dequantizer(GGMLType.NVFP4)
+def _nvfp4(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    n = blocks.shape[0]
+    d = _ue4m3_half(blocks[:, :4]).reshape(n, 4, 1)
+    qs = blocks[:, 4:].reshape(n, 4, 8)
+    vals = _table(E2M1_DOUBLED, blocks.device)[_nibbles(qs)]  # (n, 4, 16)
+    return (d * vals).reshape(n, 64).to(dtype)
