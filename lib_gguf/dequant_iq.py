@@ -118,3 +118,143 @@ def _nvfp4(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     qs = blocks[:, 4:].reshape(n, 4, 8)
     vals = _table(E2M1_DOUBLED, blocks.device)[_nibbles(qs)]  # (n, 4, 16)
     return (d * vals).reshape(n, 64).to(dtype)
+
+
+# -- lattice formats: IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M ----------------
+
+def _u32(b: torch.Tensor) -> torch.Tensor:
+    """(n, 4k) bytes -> (n, k) int64 little-endian uint32 values."""
+    b = b.to(torch.int64)
+    return b[:, 0::4] | (b[:, 1::4] << 8) | (b[:, 2::4] << 16) | (b[:, 3::4] << 24)
+
+
+def _u16(b: torch.Tensor) -> torch.Tensor:
+    b = b.to(torch.int64)
+    return b[:, 0::2] | (b[:, 1::2] << 8)
+
+
+def _bit_signs(signs: torch.Tensor) -> torch.Tensor:
+    """(n, k) sign bytes -> (n, k, 8) of +1 / -1 (bit j set: value j negative)."""
+    bits = (signs.to(torch.int32)[..., None] >> torch.arange(8, device=signs.device, dtype=torch.int32)) & 1
+    return 1.0 - 2.0 * bits.to(torch.float32)
+
+
+@register_dequantizer(GGMLType.IQ2_XXS)
+def _iq2_xxs(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    from .grids import grid, ksigns
+
+    n, dev = blocks.shape[0], blocks.device
+    d = _f16(blocks[:, :2])
+    q = _u32(blocks[:, 2:]).reshape(n, 8, 2)
+    aux0, aux1 = q[..., 0], q[..., 1]
+    db = d * (0.5 + (aux1 >> 28).to(torch.float32)) * 0.25  # (n, 8)
+    sidx = (aux1[..., None] >> torch.tensor([0, 7, 14, 21], device=dev)) & 0x7F  # (n, 8, 4)
+    signs = ksigns(dev)[sidx]  # (n, 8, 4, 8)
+    gidx = (aux0[..., None] >> torch.tensor([0, 8, 16, 24], device=dev)) & 0xFF
+    g = grid("IQ2_XXS", dev)[gidx]  # (n, 8, 4, 8)
+    return (db[:, :, None, None] * g * signs).reshape(n, 256).to(dtype)
+
+
+@register_dequantizer(GGMLType.IQ2_XS)
+def _iq2_xs(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    from .grids import grid, ksigns
+
+    n, dev = blocks.shape[0], blocks.device
+    d = _f16(blocks[:, :2])
+    qs = _u16(blocks[:, 2:66]).reshape(n, 8, 4)
+    sc = _nibbles_interleaved(blocks[:, 66:74])  # (n, 16)
+    db = (d * (0.5 + sc.to(torch.float32)) * 0.25).reshape(n, 8, 2, 1, 1)
+    signs = ksigns(dev)[qs >> 9].reshape(n, 8, 2, 2, 8)
+    g = grid("IQ2_XS", dev)[qs & 511].reshape(n, 8, 2, 2, 8)
+    return (db * g * signs).reshape(n, 256).to(dtype)
+
+
+def _nibbles_interleaved(b: torch.Tensor) -> torch.Tensor:
+    """(n, k) bytes -> (n, 2k): low, high nibble of byte 0, then of byte 1, ..."""
+    return torch.stack([b & 0x0F, b >> 4], dim=-1).reshape(b.shape[0], -1)
+
+
+@register_dequantizer(GGMLType.IQ2_S)
+def _iq2_s(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    from .grids import grid
+
+    n, dev = blocks.shape[0], blocks.device
+    d = _f16(blocks[:, :2])
+    qs, signs, qh, scales = blocks[:, 2:34], blocks[:, 34:66], blocks[:, 66:74], blocks[:, 74:82]
+    sc = _nibbles_interleaved(scales)
+    db = (d * (0.5 + sc.to(torch.float32)) * 0.25).reshape(n, 8, 2, 1, 1)
+    s = _bit_signs(signs).reshape(n, 8, 2, 2, 8)
+    hi = (qh.to(torch.int64)[..., None] >> torch.tensor([0, 2, 4, 6], device=dev)) & 0x03  # (n, 8, 4)
+    idx = qs.to(torch.int64) | (hi.reshape(n, 32) << 8)
+    g = grid("IQ2_S", dev)[idx].reshape(n, 8, 2, 2, 8)
+    return (db * g * s).reshape(n, 256).to(dtype)
+
+
+@register_dequantizer(GGMLType.IQ3_XXS)
+def _iq3_xxs(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    from .grids import grid, ksigns
+
+    n, dev = blocks.shape[0], blocks.device
+    d = _f16(blocks[:, :2])
+    qs = blocks[:, 2:66].to(torch.int64)
+    sc = _u32(blocks[:, 66:98])  # (n, 8)
+    db = d * (0.5 + (sc >> 28).to(torch.float32)) * 0.5
+    sidx = (sc[..., None] >> torch.tensor([0, 7, 14, 21], device=dev)) & 0x7F
+    signs = ksigns(dev)[sidx]  # (n, 8, 4, 8)
+    g = grid("IQ3_XXS", dev)[qs].reshape(n, 8, 4, 8)
+    return (db[:, :, None, None] * g * signs).reshape(n, 256).to(dtype)
+
+
+@register_dequantizer(GGMLType.IQ3_S)
+def _iq3_s(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    from .grids import grid
+
+    n, dev = blocks.shape[0], blocks.device
+    d = _f16(blocks[:, :2])
+    qs, qh, signs, scales = blocks[:, 2:66], blocks[:, 66:74], blocks[:, 74:106], blocks[:, 106:110]
+    sc = _nibbles_interleaved(scales)  # (n, 8)
+    db = (d * (1 + 2 * sc).to(torch.float32)).reshape(n, 8, 1, 1)
+    s = _bit_signs(signs).reshape(n, 8, 4, 8)
+    hi = (qh.to(torch.int64)[..., None] >> torch.arange(8, device=dev)) & 1  # (n, 8, 8)
+    idx = qs.to(torch.int64) | (hi.reshape(n, 64) << 8)
+    g = grid("IQ3_S", dev)[idx].reshape(n, 8, 4, 8)
+    return (db * g * s).reshape(n, 256).to(dtype)
+
+
+IQ1_DELTA = 0.125
+
+
+@register_dequantizer(GGMLType.IQ1_S)
+def _iq1_s(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    from .grids import grid
+
+    n, dev = blocks.shape[0], blocks.device
+    d = _f16(blocks[:, :2])
+    qs, qh = blocks[:, 2:34].to(torch.int64), _u16(blocks[:, 34:50])  # (n, 8)
+    dl = (d * (2 * ((qh >> 12) & 7) + 1).to(torch.float32)).reshape(n, 8, 1, 1)
+    delta = torch.where((qh & 0x8000) == 0, IQ1_DELTA, -IQ1_DELTA).to(torch.float32).reshape(n, 8, 1, 1)
+    hi = (qh[..., None] >> torch.tensor([0, 3, 6, 9], device=dev)) & 7  # (n, 8, 4)
+    idx = qs | (hi.reshape(n, 32) << 8)
+    g = grid("IQ1_S", dev)[idx].reshape(n, 8, 4, 8)
+    return (dl * (g + delta)).reshape(n, 256).to(dtype)
+
+
+@register_dequantizer(GGMLType.IQ1_M)
+def _iq1_m(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """IQ1_M, with ggml's meaning of the delta sign bits (bit 3 of each qh nibble
+    set: minus). gguf-py up to at least 0.19 reads ``qh & 0x08 == 0`` as
+    ``qh & (0x08 == 0)`` and always uses minus; where that bit is set the two agree."""
+    from .grids import grid
+
+    n, dev = blocks.shape[0], blocks.device
+    qs, qh, scales = blocks[:, :32].to(torch.int64), blocks[:, 32:48].to(torch.int64), _u16(blocks[:, 48:56])
+    parts = (scales & 0xF000) >> torch.tensor([12, 8, 4, 0], device=dev)
+    dbits = parts[:, 0] | parts[:, 1] | parts[:, 2] | parts[:, 3]
+    d = dbits.to(torch.int16).view(torch.float16).to(torch.float32).reshape(n, 1)
+    sc = (scales[..., None] >> torch.tensor([0, 3, 6, 9], device=dev)) & 7  # (n, 4, 4)
+    dl = (d * (2 * sc.reshape(n, 16) + 1).to(torch.float32)).reshape(n, 8, 2, 1, 1)
+    nib = torch.stack([qh & 0x0F, qh >> 4], dim=-1).reshape(n, 32)  # (n, 32)
+    idx = qs | ((nib & 7) << 8)
+    delta = torch.where((nib & 8) == 0, IQ1_DELTA, -IQ1_DELTA).to(torch.float32).reshape(n, 8, 2, 2, 1)
+    g = grid("IQ1_S", dev)[idx].reshape(n, 8, 2, 2, 8)
+    return (dl * (g + delta)).reshape(n, 256).to(dtype)

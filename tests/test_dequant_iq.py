@@ -7,8 +7,10 @@ import torch
 import lib_gguf
 from lib_gguf import get_format
 
-FORMATS = ["IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0", "MXFP4", "NVFP4"]
-FP16_FIELDS = {"IQ4_NL": [0], "IQ4_XS": [0], "TQ1_0": [52], "TQ2_0": [64]}
+FORMATS = ["IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0", "MXFP4", "NVFP4", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S",
+           "IQ1_S", "IQ1_M"]
+FP16_FIELDS = {"IQ4_NL": [0], "IQ4_XS": [0], "TQ1_0": [52], "TQ2_0": [64], "IQ2_XXS": [0], "IQ2_XS": [0],
+               "IQ2_S": [0], "IQ3_XXS": [0], "IQ3_S": [0], "IQ1_S": [0]}
 KINDS = ["normal", "weights", "laplace_outliers", "positive", "negative", "sparse_zero_const_rows", "tiny", "huge",
          "integers"]
 
@@ -25,6 +27,9 @@ def _random_blocks(name, n=600, seed=0):
         b[:, off + 1] &= 0xBF
     if name == "NVFP4":
         b[:, :4] &= 0x7F  # unsigned E4M3 scales
+    if name == "IQ1_M":
+        b[:, 55] &= 0xBF  # the fp16 scale's top nibble sits in byte 55: keep it finite
+        b[:, 32:48] |= 0x88  # delta sign bits set: see test_iq1_m_delta_signs_follow_ggml
     return b
 
 
@@ -44,7 +49,10 @@ def test_random_bytes_match_gguf(name):
     _check(name, _random_blocks(name))
 
 
-@pytest.mark.parametrize("name", [n for n in FORMATS if n not in ("MXFP4", "NVFP4")])
+ORACLE_FORMATS = ["IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0", "IQ3_XXS", "IQ3_S", "IQ2_S"]
+
+
+@pytest.mark.parametrize("name", ORACLE_FORMATS)
 def test_ggml_made_blocks_match_gguf(oracle, name):
     if not _gguf_has(name):
         pytest.skip(f"this gguf has no {name} dequantizer to compare with")
@@ -68,3 +76,16 @@ def test_ternary_values_are_ternary(oracle):
         d = raw.reshape(-1, f.type_size)[:, -2:].contiguous().view(torch.float16).float()
         q = vals.reshape(-1, f.block_size) / d
         assert set(torch.unique(q[torch.isfinite(q)]).tolist()) <= {-1.0, 0.0, 1.0}
+
+
+def test_iq1_m_delta_signs_follow_ggml():
+    """ggml: bit 3 of each qh nibble set means delta -1/8, clear means +1/8."""
+    raw = _random_blocks("IQ1_M", 4, seed=5)
+    set_bits = lib_gguf.dequantize(torch.from_numpy(raw.copy()), "IQ1_M", (1024,), torch.float32)
+    raw[:, 32:48] &= 0x77
+    clear = lib_gguf.dequantize(torch.from_numpy(raw.copy()), "IQ1_M", (1024,), torch.float32)
+    from lib_gguf.grids import grid
+    # same grid points and scales, delta flipped: the difference is 2 * 1/8 * dl everywhere
+    diff = (clear - set_bits).reshape(4, 16, 16)
+    assert torch.all(diff.reshape(4, 16, 16).std(dim=-1) < 1e-3 * diff.abs().amax().clamp(min=1e-30))
+    assert torch.all(diff.reshape(4, 16, 16).mean(dim=-1) * torch.sign(diff.reshape(4, 16, 16)[..., 0]) >= 0)
