@@ -113,9 +113,12 @@ class GGUFParameter(torch.nn.Parameter):
             out = func(*args, **kwargs)
         if func in _KEEP and args and isinstance(args[0], GGUFParameter) and isinstance(out, torch.Tensor):
             src = args[0]
-            if out is src:
-                return out
+            if out is src and func in (torch.Tensor.requires_grad_, torch.Tensor.share_memory_):
+                return out  # in place: the same parameter
             if out.dtype == torch.uint8:
+                # a new parameter object even when torch returns the same tensor (a
+                # move to the device it is on): callers keep it as a backup while the
+                # original's data is replaced (Forge's LoRA loader does exactly that)
                 return src.copy_with_data(out)
         return out
 

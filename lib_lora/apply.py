@@ -287,3 +287,13 @@ def apply_loras(module: torch.nn.Module, loras: Sequence[Tuple[Union[LoraFile, s
         raise
     log.info("LoRA applied: %s", handle.summary())
     return handle
+
+
+def attach_runtime(module: torch.nn.Module, patches: Sequence[Tuple[Patch, float]], compute_dtype=None) -> _RuntimeHook:
+    """Add low-rank deltas to one Linear-like layer's output at run time (its weight,
+    GGUF or not, is untouched). Returns the hook; ``.remove()`` detaches it. Used by
+    the Forge glue for Forge's own LoRA patches."""
+    entries = [[p, i, None] for i, (p, _s) in enumerate(patches)]
+    hook = _RuntimeHook(module, "weight", entries, compute_dtype)
+    hook.strengths = [float(s) for _p, s in patches]
+    return hook

@@ -1,0 +1,183 @@
+"""Forge glue: the only code outside ``scripts/`` that imports Forge.
+
+``register()`` puts our GGUF backend into Forge's (idempotent; ``unregister()``
+restores Forge's own functions exactly):
+
+* **load**: every module-level ``load_torch_file`` of Forge's ``backend`` that is
+  Forge's own is wrapped so that ``.gguf`` files are read by ``lib_gguf``'s reader:
+  quantized tensors become our ``GGUFParameter``\\ s (every format, IQ included, with
+  whichever ``gguf`` package ``import gguf`` finds), float tensors plain
+  ``Parameter``\\ s (so Forge's LoRA loader can merge into F16 weights).
+* **bake / dequantize / merge**: Forge calls ``gguf_cls.bake``, ``dequantize_pytorch``
+  and ``quantize_pytorch`` on our format objects, which keep the file's bytes and
+  requantize a merged LoRA into the weight's own format (K-quants included).
+* **online LoRA**: ``LoraLoader.refresh`` is wrapped: plain low-rank patches that
+  Forge would re-merge into the whole weight on every step are attached instead as
+  run-time deltas (``lib_lora``'s forward hooks) on the GGUF layers; Forge keeps
+  the patches it alone understands.
+
+``python extension.py [--port N] [--model FILE]`` serves the tab on localhost.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any, Dict, List, Optional, Tuple
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+log = logging.getLogger("forge_gguf_lora")
+
+_state: Dict[str, Any] = {"registered": False, "patched": []}
+
+
+def _load_gguf_for_forge(path: str):
+    import torch
+
+    from lib_gguf import load_state_dict
+
+    sd = load_state_dict(path)
+    out = {}
+    for k, v in sd.items():
+        if getattr(v, "gguf_cls", None) is None and not isinstance(v, torch.nn.Parameter):
+            v = torch.nn.Parameter(v, requires_grad=False)
+        out[k] = v
+    return out
+
+
+def _make_loader(original):
+    def load_torch_file(ckpt, *args, **kwargs):
+        if isinstance(ckpt, str) and ckpt.lower().endswith(".gguf"):
+            return _load_gguf_for_forge(ckpt)
+        return original(ckpt, *args, **kwargs)
+
+    load_torch_file.__wrapped__ = original
+    load_torch_file._forge_gguf_lora = True
+    return load_torch_file
+
+
+def forge_patches_to_lib_lora(key: str, patches) -> Tuple[List[tuple], List]:
+    """Split Forge's patch list for one weight into (lib_lora patches with strengths,
+    patches left to Forge). Only plain low-rank LoRAs (no mid, no DoRA, strength_model
+    1, no function, offsets along the output dim) run as deltas."""
+    import torch
+
+    from lib_lora.loader import Patch
+
+    ours, theirs = [], []
+    for p in patches:
+        strength_patch, v, strength_model, offset, function = (list(p) + [None] * 5)[:5]
+        kind, payload = (v[0], v[1]) if isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str) else (None, v)
+        simple = (kind == "lora" and function is None and (strength_model in (None, 1.0))
+                  and (offset is None or offset[0] == 0))
+        if simple:
+            up, down, alpha, mid, dora = (list(payload) + [None] * 5)[:5]
+            simple = mid is None and dora is None and isinstance(up, torch.Tensor) and isinstance(down, torch.Tensor)
+        if not simple:
+            theirs.append(p)
+            continue
+        sl = None if offset is None else (0, int(offset[1]), int(offset[2]))
+        ours.append((Patch(key, "lora", {"up": up, "down": down}, None if alpha is None else float(alpha), None, sl,
+                           key), float(strength_patch)))
+    return ours, theirs
+
+
+def _wrap_refresh(original):
+    def refresh(self, lora_patches, *args, **kwargs):
+        for hook in getattr(self, "_gguf_runtime_hooks", []):
+            hook.remove()
+        self._gguf_runtime_hooks = []
+        result = original(self, lora_patches, *args, **kwargs)
+        _attach_runtime(self)
+        return result
+
+    refresh.__wrapped__ = original
+    refresh._forge_gguf_lora = True
+    return refresh
+
+
+def _attach_runtime(loader) -> None:
+    from lib_lora.apply import attach_runtime
+
+    for layer in set(getattr(loader, "online_backup", [])):
+        patches = getattr(layer, "forge_online_loras", None)
+        if not patches or "weight" not in patches:
+            continue
+        weight = getattr(layer, "weight", None)
+        if getattr(weight, "gguf_cls", None) is None:
+            continue  # float weights: Forge's online merge is cheap enough and exact
+        ours, theirs = forge_patches_to_lib_lora("weight", patches["weight"])
+        if not ours:
+            continue
+        loader._gguf_runtime_hooks.append(attach_runtime(layer, ours))
+        if theirs:
+            patches["weight"] = theirs
+        else:
+            del patches["weight"]
+    n = len(loader._gguf_runtime_hooks)
+    if n:
+        log.info("GGUF LoRA: %d layers take their LoRA at run time (low-rank delta, no per-step re-merge)", n)
+
+
+def _patch(obj, name: str, new) -> None:
+    _state["patched"].append((obj, name, getattr(obj, name)))
+    setattr(obj, name, new)
+
+
+def register() -> bool:
+    """Install our GGUF backend into Forge's (idempotent). Returns False outside Forge."""
+    if _state["registered"]:
+        return True
+    try:
+        import backend.utils as butils
+        from backend.patcher import lora as blora
+    except ImportError:
+        log.info("Forge's backend is not importable: nothing to register")
+        return False
+    original = butils.load_torch_file
+    if getattr(original, "_forge_gguf_lora", False):
+        _state["registered"] = True
+        return True
+    wrapped = _make_loader(original)
+    for mod in list(sys.modules.values()):
+        name = getattr(mod, "__name__", "") or ""
+        if (name == "backend" or name.startswith("backend.") or name.startswith("modules")) and \
+                getattr(mod, "load_torch_file", None) is original:
+            _patch(mod, "load_torch_file", wrapped)
+    _patch(blora.LoraLoader, "refresh", _wrap_refresh(blora.LoraLoader.refresh))
+    _state["registered"] = True
+    log.info("forge-gguf-lora: GGUF backend registered (%d hook points)", len(_state["patched"]))
+    return True
+
+
+def unregister() -> None:
+    """Put back every Forge function we replaced, exactly."""
+    while _state["patched"]:
+        obj, name, original = _state["patched"].pop()
+        setattr(obj, name, original)
+    _state["registered"] = False
+
+
+def is_registered() -> bool:
+    return bool(_state["registered"])
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="forge-gguf-lora: the GGUF tab, standalone on localhost")
+    parser.add_argument("--port", type=int, default=7861)
+    parser.add_argument("--model", default=None, help="a .gguf file (default: a small built-in sample model)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from scripts.gguf_ui import serve
+
+    serve(port=args.port, model=args.model)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

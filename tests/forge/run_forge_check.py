@@ -1,0 +1,149 @@
+"""Runs inside an interpreter that can import Forge's backend (numpy < 2, einops, ...).
+
+    FORGE_DIR=/path/to/forge python tests/forge/run_forge_check.py OUT_DIR FORMAT [FORMAT ...]
+
+For each format: a tiny Flux in that format loads through Forge's loader with our
+backend registered, runs, takes a LoRA merged (Forge's LoraLoader) and at run time
+(Forge's online mode, which our glue turns into a low-rank delta), compares with
+the float reference, and checks the exact bytes come back when the LoRA is removed.
+Prints one JSON line per format.
+"""
+import json
+import os
+import sys
+
+FORGE = os.environ["FORGE_DIR"]
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.argv = [sys.argv[0], "--always-cpu"] + sys.argv[1:]
+args = sys.argv[2:]
+out_dir, formats = args[0], args[1:]
+sys.path.insert(0, FORGE)
+sys.path.insert(0, ROOT)
+if os.environ.get("FORGE_GGUF") == "bundled":  # Forge's own copy of gguf wins the import
+    sys.path.insert(1, os.path.join(FORGE, "packages_3rdparty"))
+else:
+    sys.path.append(os.path.join(FORGE, "packages_3rdparty"))
+
+import torch  # noqa: E402
+
+import extension  # noqa: E402
+import lib_gguf  # noqa: E402
+from lib_gguf.sample import FluxConfig, tiny_flux_state_dict  # noqa: E402
+
+from backend import memory_management, utils  # noqa: E402
+from backend.nn.flux import IntegratedFluxTransformer2DModel  # noqa: E402
+from backend.operations import using_forge_operations  # noqa: E402
+from backend.patcher.base import ModelPatcher  # noqa: E402
+from backend.state_dict import load_state_dict  # noqa: E402
+
+import gguf  # noqa: E402
+
+originals = (utils.load_torch_file,)
+assert extension.register() and extension.register()  # idempotent
+cfg = FluxConfig()
+sd = tiny_flux_state_dict(cfg, seed=1)
+H = cfg.hidden_size
+
+
+def write(fmt):
+    f = lib_gguf.get_format(fmt)
+    q = {}
+    for k, v in sd.items():
+        if v.ndim == 2 and f.is_quantized and f.fits(v.shape[1]) and not k.startswith(("img_in", "final_layer")):
+            q[k] = lib_gguf.GGUFParameter(lib_gguf.quantize(v, fmt), fmt, v.shape)
+        else:
+            q[k] = v.half() if v.ndim == 2 else v
+    p = os.path.join(out_dir, f"flux-{fmt}.gguf")
+    lib_gguf.save(p, q)
+    return p
+
+
+def build(path):
+    state = utils.load_torch_file(path)
+    with using_forge_operations(device=torch.device("cpu"), dtype=torch.float16, manual_cast_enabled=False,
+                                bnb_dtype="gguf"):
+        model = IntegratedFluxTransformer2DModel(**cfg.as_kwargs())
+    load_state_dict(model, state)
+    memory_management.bake_gguf_model(model)
+    return model
+
+
+def run(model):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 8, 8, generator=g)
+    ctx = torch.randn(1, 4, cfg.context_in_dim, generator=g)
+    y = torch.randn(1, cfg.vec_in_dim, generator=g)
+    with torch.no_grad():
+        return model(x, torch.tensor([0.5]), ctx, y, guidance=torch.tensor([3.5])).float()
+
+
+def snapshot(model):
+    return {k: (p.data.clone() if getattr(p, "gguf_cls", None) is not None else p.detach().clone())
+            for k, p in model.named_parameters()}
+
+
+R = 8
+g = torch.Generator().manual_seed(7)
+UP = torch.randn(3 * H, R, generator=g) * 0.05
+DOWN = torch.randn(R, H, generator=g) * 0.05
+KEY = "double_blocks.0.img_attn.qkv.weight"
+
+def float_reference():
+    """F16 weights, the LoRA merged by Forge in float: what every format should come close to."""
+    model = build(write("F16"))
+    base = run(model)
+    patcher = ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    patcher.add_patches(filename="t.safetensors", patches={KEY: ("lora", (UP, DOWN, None, None, None))})
+    patcher.refresh_loras()
+    return base, run(model)
+
+
+REF_BASE, REF_LORA = float_reference()
+
+results = []
+for fmt in formats:
+    res = {"format": fmt, "gguf": getattr(gguf, "__file__", "?")}
+    try:
+        model = build(write(fmt))
+        w = model.double_blocks[0].img_attn.qkv.weight
+        res["param_type"] = type(w).__name__
+        base = run(model)
+        res["runs"] = bool(torch.isfinite(base).all())
+        before = snapshot(model)
+        patcher = ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+        delta_out = {}
+        for online in (False, True):
+            patcher.lora_patches = {}
+            patcher.add_patches(filename="t.safetensors", patches={KEY: ("lora", (UP, DOWN, None, None, None))},
+                                strength_patch=1.0, online_mode=online)
+            patcher.refresh_loras()
+            out = run(model)
+            delta_out[online] = out
+            layer = model.double_blocks[0].img_attn.qkv
+            res[f"{'online' if online else 'merged'}_hooks"] = len(layer._forward_hooks)
+            res[f"{'online' if online else 'merged'}_still_forge_online"] = "weight" in getattr(layer, "forge_online_loras", {})
+        # the float reference: the model with the float weight + delta, through the same Forge code
+        res["lora_changes_output"] = float((delta_out[True] - base).abs().max())
+        # error against the float reference, relative to this format's own error without a LoRA
+        scale = float((REF_LORA - REF_BASE).abs().max())
+        res["runtime_err_vs_float"] = float((delta_out[True] - REF_LORA).abs().max()) / scale
+        res["base_err_vs_float"] = float((base - REF_BASE).abs().max()) / scale
+        res["merged_err_vs_float"] = float((delta_out[False] - REF_LORA).abs().max()) / scale
+        res["merged_vs_runtime"] = float((delta_out[True] - delta_out[False]).abs().max() /
+                                         (delta_out[True] - base).abs().max())
+        patcher.lora_patches = {}
+        patcher.refresh_loras()
+        after = snapshot(model)
+        res["bytes_restored"] = all(torch.equal(before[k], after[k]) for k in before)
+        res["hooks_after_remove"] = len(model.double_blocks[0].img_attn.qkv._forward_hooks)
+        res["ok"] = True
+    except Exception as e:  # reported, not raised: one line per format
+        import traceback
+        res["ok"] = False
+        res["error"] = f"{type(e).__name__}: {e}"
+        res["trace"] = traceback.format_exc()[-1500:]
+    print(json.dumps(res), flush=True)
+
+extension.unregister()
+assert utils.load_torch_file is originals[0]
+print(json.dumps({"unregister_restores": True}))

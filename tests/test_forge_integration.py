@@ -1,0 +1,56 @@
+"""Our backend inside Forge's real backend code (needs a Forge checkout in $FORGE_DIR).
+
+Runs tests/forge/run_forge_check.py in $FORGE_PYTHON (an interpreter where Forge's
+backend imports: numpy < 2, einops, psutil, pillow, pyyaml, safetensors,
+sentencepiece), once with whatever ``import gguf`` finds and once with Forge's
+bundled copy first on the path.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FORGE_DIR = os.environ.get("FORGE_DIR")
+FORMATS = ["F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "IQ3_S",
+           "Q2_K", "Q3_K"]
+
+pytestmark = [pytest.mark.forge,
+              pytest.mark.skipif(not FORGE_DIR, reason="set FORGE_DIR to a Forge checkout to run against Forge")]
+
+
+def _run(tmp_path, which_gguf):
+    import lib_gguf
+
+    formats = [f for f in FORMATS if lib_gguf.get_format(f).can_quantize]
+    env = dict(os.environ, FORGE_GGUF=which_gguf)
+    py = os.environ.get("FORGE_PYTHON", sys.executable)
+    r = subprocess.run([py, str(ROOT / "tests" / "forge" / "run_forge_check.py"), str(tmp_path), *formats],
+                       capture_output=True, text=True, env=env, timeout=900)
+    if "No module named" in r.stderr and not r.stdout.strip():
+        pytest.skip(f"Forge's backend does not import in {py}: {r.stderr.strip().splitlines()[-1]}")
+    lines = [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
+    assert lines, r.stderr[-3000:]
+    return formats, lines
+
+
+@pytest.mark.parametrize("which_gguf", ["first-found", "bundled"])
+def test_every_format_loads_runs_and_takes_loras_in_forge(tmp_path, which_gguf):
+    formats, lines = _run(tmp_path, which_gguf)
+    by_fmt = {l["format"]: l for l in lines if "format" in l}
+    assert set(by_fmt) == set(formats)
+    for fmt, res in by_fmt.items():
+        assert res["ok"], (fmt, res.get("error"), res.get("trace"))
+        assert res["runs"] and res["bytes_restored"] and res["hooks_after_remove"] == 0, (fmt, res)
+        assert res["lora_changes_output"] > 0
+        if fmt != "F16":
+            assert res["param_type"] == "GGUFParameter"
+            # run time: a low-rank delta on the GGUF layer, no per-step re-merge by Forge
+            assert res["online_hooks"] == 1 and not res["online_still_forge_online"], (fmt, res)
+            # close to the float reference: no further off than the format is without a LoRA
+            assert res["runtime_err_vs_float"] <= res["base_err_vs_float"] + 0.05, (fmt, res)
+            assert res["merged_err_vs_float"] <= res["base_err_vs_float"] + 1.0, (fmt, res)
+    assert lines[-1] == {"unregister_restores": True}
