@@ -149,7 +149,9 @@ def test_streams_tensor_by_tensor(tmp_path):
     peak = [base]
     convert(src, tmp_path / "big.gguf", "Q8_0", progress=lambda d, t, n: peak.append(_rss_anon()))
     growth = max(peak) - base
-    assert growth < max(6 * largest, model_bytes // 3), (growth, largest, model_bytes)
+    # holding the model would cost its float32 size plus the output; streaming, a few tensors
+    # (allocator caches included)
+    assert growth < max(6 * largest, model_bytes // 2), (growth, largest, model_bytes)
 
 
 def test_cli_convert_inspect_presets(tmp_path, flux_file):
