@@ -274,3 +274,51 @@ def test_200_apply_remove_cycles_keep_memory_flat(tmp_path):
         h.remove()
     gc.collect()
     assert _rss() - start < 20 * 2**20
+
+
+def test_dora_merge_and_runtime_agree_with_the_formula(tmp_path):
+    m = _model("Q8_0")
+    name = "double_blocks.0.img_attn.proj.weight"
+    layer = m.get_submodule("double_blocks.0.img_attn.proj")
+    w = layer.weight.dequantize(torch.float32)
+    up, down = _lr(H, H, 60, scale=0.1)
+    mag = torch.rand(H, 1, generator=torch.Generator().manual_seed(61)) + 0.5
+    sd = {"lora_unet_double_blocks_0_img_attn_proj.lora_up.weight": up,
+          "lora_unet_double_blocks_0_img_attn_proj.lora_down.weight": down,
+          "lora_unet_double_blocks_0_img_attn_proj.dora_scale": mag}
+    strength = 0.7
+    new = w + up @ down
+    dora_w = mag * new / new.norm(dim=1, keepdim=True)
+    want_w = w + strength * (dora_w - w)
+    x = torch.randn(4, H)
+    want = x @ want_w.T + layer.bias
+    h = apply_loras(m, [(sd, strength)], mode="runtime")
+    assert torch.allclose(layer(x), want, atol=1e-4)
+    h.remove()
+    h = apply_loras(m, [(sd, strength)], mode="merge")
+    merged = m.get_parameter(name).dequantize(torch.float32)
+    assert (merged - want_w).abs().max() < 2 * (want_w.abs().amax(dim=1, keepdim=True) / 127).max()
+    h.remove()
+
+
+def test_other_architectures_kohya_names_map_to_their_own_keys():
+    """AuraFlow (no biases) and an SDXL-style UNet: kohya names are the model's own with dots as underscores."""
+    shapes = {"double_layers.0.attn.w1q.weight": (64, 64), "double_layers.0.mlpX.c_fc1.weight": (128, 64),
+              "input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight": (64, 64)}
+    up, down = torch.randn(64, 4), torch.randn(4, 64)
+    sd = {"lora_unet_double_layers_0_attn_w1q.lora_up.weight": up,
+          "lora_unet_double_layers_0_attn_w1q.lora_down.weight": down,
+          "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_up.weight": up,
+          "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight": down}
+    lf = load_lora(sd, shapes)
+    assert not lf.unplaced
+    assert set(lf.patches) == {"double_layers.0.attn.w1q.weight",
+                               "input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight"}
+    m = build_module(shapes)
+    layer = m.get_submodule("double_layers.0.attn.w1q")
+    assert layer.bias is None
+    x = torch.randn(2, 64)
+    base = layer(x)
+    h = apply_loras(m, [(lf, 1.0)], mode="runtime")
+    assert torch.allclose(layer(x), base + x @ (up @ down).T, atol=1e-3)
+    h.remove()
