@@ -52,7 +52,7 @@ def test_byte_identical_to_ggml(oracle, fmt):
         assert len(bad) == 0, f"{fmt} {kind}: {len(bad)} of {len(ref)} blocks differ, first {bad[:5]}"
 
 
-@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q6_K", "IQ4_NL", "IQ4_XS"])
 def test_round_trip_and_shapes(fmt):
     if get_format(fmt).type_id not in _QUANTIZERS:
         pytest.skip(f"no quantizer for {fmt} yet")

@@ -1,0 +1,118 @@
+"""Quantizers for the non-linear 4-bit formats IQ4_NL and IQ4_XS, byte-identical to
+ggml's own (``quantize_iq4_nl`` / ``quantize_iq4_xs`` without an importance matrix:
+weights x*x, 7 tries each side of the first scale).
+
+Sums run in element order in float32, as in C, each step vectorized over every
+32-weight sub-block at once (the (32, n) transposed layout keeps it contiguous).
+"""
+from __future__ import annotations
+
+import torch
+
+from .dequant_iq import IQ4NL_LEVELS
+from .formats import GGMLType, register_quantizer
+from .quant import _f16_bytes, nearest_int
+
+_NTRY = 7
+_levels_cache: dict = {}
+
+
+def _levels(device) -> torch.Tensor:
+    key = str(device)
+    t = _levels_cache.get(key)
+    if t is None:
+        t = torch.tensor(IQ4NL_LEVELS, dtype=torch.float32, device=device)
+        _levels_cache[key] = t
+    return t
+
+
+def best_index(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """ggml's best_index_int8 over the sorted levels ``v``: the nearest level, the
+    lower one on a tie (int64 indices)."""
+    n = v.numel()
+    mu = torch.searchsorted(v, x.contiguous(), right=True).clamp(1, n - 1)
+    lo = v[mu - 1]
+    hi = v[mu]
+    idx = torch.where((x - lo) < (hi - x), mu - 1, mu)
+    idx = torch.where(x <= v[0], torch.zeros_like(idx), idx)
+    return torch.where(x >= v[-1], torch.full_like(idx, n - 1), idx)
+
+
+def _seq(terms):
+    acc = None
+    for t in terms:
+        acc = t if acc is None else acc + t
+    return acc
+
+
+def _sub_block_scales(xt: torch.Tensor) -> torch.Tensor:
+    """The scale of each 32-weight sub-block, columns of ``xt`` (32, m): ggml's search."""
+    v = _levels(xt.device)
+    w = xt * xt
+    ax = xt.abs()
+    idx = ax.argmax(dim=0, keepdim=True)
+    amax = ax.gather(0, idx).squeeze(0)
+    mx = xt.gather(0, idx).squeeze(0)
+    zero = amax < 1e-15
+    mx_safe = torch.where(zero, torch.ones_like(mx), mx)
+
+    def sums(iscale):
+        q = v[best_index(v, iscale * xt)]
+        wq = w * q
+        sumqx = _seq(wq[j] * xt[j] for j in range(32))
+        sumq2 = _seq(wq[j] * q[j] for j in range(32))
+        return sumqx, sumq2
+
+    d = -mx_safe / v[0]
+    sumqx, sumq2 = sums(1.0 / d)
+    d = sumqx / sumq2
+    best = d * sumqx
+    for itry in range(-_NTRY, _NTRY + 1):
+        iscale = (float(itry) + v[0]) / mx_safe
+        sqx, sq2 = sums(iscale)
+        better = (sq2 > 0) & (sqx * sqx > best * sq2)
+        nd = sqx / torch.where(sq2 > 0, sq2, torch.ones_like(sq2))
+        d = torch.where(better, nd, d)
+        best = torch.where(better, nd * sqx, best)
+    return torch.where(zero, torch.zeros_like(d), d)
+
+
+def _pack(L: torch.Tensor) -> torch.Tensor:
+    """(n, k*32) level indices -> (n, k*16) bytes: low nibble j, high nibble j + 16 of each 32."""
+    L = L.to(torch.uint8).reshape(L.shape[0], -1, 2, 16)
+    return (L[:, :, 0] | (L[:, :, 1] << 4)).reshape(L.shape[0], -1)
+
+
+@register_quantizer(GGMLType.IQ4_NL)
+def _iq4_nl(x: torch.Tensor) -> torch.Tensor:
+    v = _levels(x.device)
+    scale = _sub_block_scales(x.t().contiguous())  # (n,)
+    iscale = torch.where(scale != 0, 1.0 / torch.where(scale != 0, scale, torch.ones_like(scale)),
+                         torch.zeros_like(scale))
+    L = best_index(v, iscale[:, None] * x)
+    return torch.cat([_f16_bytes(scale), _pack(L)], dim=1)
+
+
+@register_quantizer(GGMLType.IQ4_XS)
+def _iq4_xs(x: torch.Tensor) -> torch.Tensor:
+    v = _levels(x.device)
+    n = x.shape[0]
+    sub = x.reshape(n * 8, 32)
+    scales = _sub_block_scales(sub.t().contiguous()).reshape(n, 8)
+    sa = scales.abs()
+    idx = sa.argmax(dim=1, keepdim=True)
+    max_scale = torch.where(sa.gather(1, idx).squeeze(1) > 0, scales.gather(1, idx).squeeze(1),
+                            torch.zeros(n, device=x.device))
+    d = -max_scale / 32
+    inv = torch.where(d != 0, 1.0 / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
+    l = nearest_int(inv[:, None] * scales).clamp(-32, 31)
+    dl = d[:, None] * l
+    idl = torch.where(dl != 0, 1.0 / torch.where(dl != 0, dl, torch.ones_like(dl)), torch.zeros_like(dl))
+    L = best_index(v, idl[:, :, None] * x.reshape(n, 8, 32)).reshape(n, 256)
+    li = (l + 32).to(torch.int32)
+    lo = (li & 0xF).to(torch.uint8).reshape(n, 4, 2)
+    scales_l = lo[:, :, 0] | (lo[:, :, 1] << 4)
+    hi = (li >> 4) & 3
+    scales_h = (hi << (2 * torch.arange(8, device=x.device, dtype=torch.int32))).sum(dim=1)
+    sh = torch.stack([scales_h & 0xFF, scales_h >> 8], dim=1).to(torch.uint8)
+    return torch.cat([_f16_bytes(d), sh, scales_l, _pack(L)], dim=1)
