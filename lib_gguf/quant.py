@@ -202,8 +202,9 @@ def _make_qx_quants(x: torch.Tensor, nmax: int):
     return scale, L
 
 
-def _make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int):
-    """ggml's make_qkx2_quants (use_mad false): per row of ``x`` (n, k), (scale, the_min, L).
+def _make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int,
+                      use_mad: bool = False):
+    """ggml's make_qkx2_quants: per row of ``x`` (n, k), (scale, the_min, L).
 
     Works on the transposed (k, n) layout so that each of the element-order steps
     is one contiguous vector operation over every sub-block."""
@@ -222,7 +223,7 @@ def _make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: f
     scale = 1.0 / iscale
     L = nearest_int(iscale * (xt - mn)).clamp_(0, nmax)
     diff = scale * L + mn - xt
-    diff = diff * diff
+    diff = diff.abs() if use_mad else diff * diff
     best_mad = _seq_sum(wt[i] * diff[i] for i in range(k))
     f32 = lambda v: torch.tensor(v, dtype=torch.float32)
     for step in range(nstep + 1):
@@ -244,7 +245,7 @@ def _make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: f
         this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
         this_scale = torch.where(pos, sum_xl / torch.where(sum_l2 != 0, sum_l2, one), this_scale)
         d2 = this_scale * l + this_min - xt
-        d2 = d2 * d2
+        d2 = d2.abs() if use_mad else d2 * d2
         mad = _seq_sum(wt[i] * d2[i] for i in range(k))
         better = ok & (mad < best_mad)
         L = torch.where(better, l, L)
@@ -357,3 +358,28 @@ def _q6_k(x: torch.Tensor) -> torch.Tensor:
     qh = qh.reshape(nb, 64)
     sc8 = sc.to(torch.int8).view(torch.uint8)
     return torch.cat([ql, qh, sc8, _f16_bytes(d)], dim=1)
+
+
+@register_quantizer(GGMLType.Q2_K)
+def _q2_k(x: torch.Tensor) -> torch.Tensor:
+    nb = x.shape[0]
+    sub = x.reshape(nb * 16, 16)
+    scales, mins, L = _make_qkx2_quants(sub, sub.abs(), 3, -0.5, 0.1, 15, use_mad=True)
+    scales, mins, L = scales.reshape(nb, 16), mins.reshape(nb, 16), L.reshape(nb, 16, 16)
+    max_scale = _running_max_positive(scales)
+    max_min = _running_max_positive(mins)
+    pos_s, pos_m = max_scale > 0, max_min > 0
+    ls = torch.where(pos_s[:, None], nearest_int((15.0 / torch.where(pos_s, max_scale, torch.ones_like(max_scale)))[:, None]
+                                                 * scales), torch.zeros_like(scales))
+    lm = torch.where(pos_m[:, None], nearest_int((15.0 / torch.where(pos_m, max_min, torch.ones_like(max_min)))[:, None]
+                                                 * mins), torch.zeros_like(mins))
+    sc = (ls.to(torch.int32) | (lm.to(torch.int32) << 4)) & 0xFF
+    d = torch.where(pos_s, max_scale / 15.0, torch.zeros_like(max_scale))
+    dmin = torch.where(pos_m, max_min / 15.0, torch.zeros_like(max_min))
+    dd = _f16_round(d)[:, None] * (sc & 0xF).to(torch.float32)
+    dm = _f16_round(dmin)[:, None] * (sc >> 4).to(torch.float32)
+    safe = torch.where(dd != 0, dd, torch.ones_like(dd))
+    Lnew = nearest_int((x.reshape(nb, 16, 16) + dm[:, :, None]) / safe[:, :, None]).clamp(0, 3)
+    L = torch.where((dd != 0)[:, :, None], Lnew, L).reshape(nb, 2, 4, 32).to(torch.uint8)
+    qs = (L[:, :, 0] | (L[:, :, 1] << 2) | (L[:, :, 2] << 4) | (L[:, :, 3] << 6)).reshape(nb, 64)
+    return torch.cat([sc.to(torch.uint8), qs, _f16_bytes(d), _f16_bytes(dmin)], dim=1)
