@@ -383,3 +383,71 @@ def _q2_k(x: torch.Tensor) -> torch.Tensor:
     L = torch.where((dd != 0)[:, :, None], Lnew, L).reshape(nb, 2, 4, 32).to(torch.uint8)
     qs = (L[:, :, 0] | (L[:, :, 1] << 2) | (L[:, :, 2] << 4) | (L[:, :, 3] << 6)).reshape(nb, 64)
     return torch.cat([sc.to(torch.uint8), qs, _f16_bytes(d), _f16_bytes(dmin)], dim=1)
+
+
+def _make_q3_quants(x: torch.Tensor, nmax: int):
+    """ggml's make_q3_quants with do_rmse: per row of ``x`` (m, k), (scale, L + nmax)."""
+    xt = x.t().contiguous()
+    k = xt.shape[0]
+    ax = xt.abs()
+    idx = ax.argmax(dim=0, keepdim=True)
+    amax = ax.gather(0, idx).squeeze(0)
+    mx = xt.gather(0, idx).squeeze(0)
+    zero = amax < 1e-15
+    iscale = -float(nmax) / torch.where(zero, torch.ones_like(mx), mx)
+    L = nearest_int(iscale * xt).clamp(-nmax, nmax - 1)
+    w = xt * xt
+    wx = w * xt
+    sumlx = _seq_sum(wx[i] * L[i] for i in range(k))
+    suml2 = _seq_sum(w[i] * L[i] * L[i] for i in range(k))
+    # ggml stops once a pass changes nothing; a pass that changes nothing leaves the
+    # state as it is, so running all five passes gives the same result
+    for _ in range(5):
+        for i in range(k):
+            slx = sumlx - wx[i] * L[i]
+            ok = slx > 0
+            sl2 = suml2 - w[i] * L[i] * L[i]
+            new_l = nearest_int(xt[i] * sl2 / torch.where(ok, slx, torch.ones_like(slx))).clamp(-nmax, nmax - 1)
+            changed = ok & (new_l != L[i])
+            slx2 = slx + wx[i] * new_l
+            sl22 = sl2 + w[i] * new_l * new_l
+            accept = changed & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+            L[i] = torch.where(accept, new_l, L[i])
+            sumlx = torch.where(accept, slx2, sumlx)
+            suml2 = torch.where(accept, sl22, suml2)
+    scale = sumlx / torch.where(zero, torch.ones_like(suml2), suml2)
+    scale = torch.where(zero, torch.zeros_like(scale), scale)
+    L = torch.where(zero, torch.zeros_like(L), L + nmax)
+    return scale, L.t()
+
+
+@register_quantizer(GGMLType.Q3_K)
+def _q3_k(x: torch.Tensor) -> torch.Tensor:
+    nb = x.shape[0]
+    scales, L = _make_q3_quants(x.reshape(nb * 16, 16), 4)
+    scales, L = scales.reshape(nb, 16), L.reshape(nb, 16, 16)
+    sa = scales.abs()
+    idx = sa.argmax(dim=1, keepdim=True)
+    max_scale = torch.where(sa.gather(1, idx).squeeze(1) > 0, scales.gather(1, idx).squeeze(1),
+                            torch.zeros(nb, device=x.device))
+    nz = max_scale != 0
+    iscale = -32.0 / torch.where(nz, max_scale, torch.ones_like(max_scale))
+    l6 = torch.where(nz[:, None], nearest_int(iscale[:, None] * scales).clamp(-32, 31) + 32,
+                     torch.zeros_like(scales)).to(torch.int32)  # 0..63
+    d = torch.where(nz, 1.0 / iscale, torch.zeros_like(iscale))
+    lo = l6 & 0xF
+    packed = torch.zeros(nb, 12, dtype=torch.int32, device=x.device)
+    packed[:, 0:8] = lo[:, 0:8] | (lo[:, 8:16] << 4)
+    hi = (l6 >> 4) & 3  # byte 8 + j%4 gets bits 2*(j//4)
+    for q in range(4):
+        packed[:, 8:12] |= hi[:, 4 * q:4 * q + 4] << (2 * q)
+    sc = (l6 - 32).to(torch.float32)
+    dd = _f16_round(d)[:, None] * sc
+    safe = torch.where(dd != 0, dd, torch.ones_like(dd))
+    Lnew = nearest_int(x.reshape(nb, 16, 16) / safe[:, :, None]).clamp(-4, 3) + 4
+    L = torch.where((dd != 0)[:, :, None], Lnew, L).reshape(nb, 256).to(torch.int32)
+    high = (L > 3).to(torch.int32).reshape(nb, 8, 32)  # value j: byte j % 32, bit j // 32
+    hmask = (high << torch.arange(8, device=x.device, dtype=torch.int32)[None, :, None]).sum(dim=1)
+    L = torch.where(L > 3, L - 4, L).reshape(nb, 2, 4, 32)
+    qs = (L[:, :, 0] | (L[:, :, 1] << 2) | (L[:, :, 2] << 4) | (L[:, :, 3] << 6)).reshape(nb, 64)
+    return torch.cat([hmask.to(torch.uint8), qs.to(torch.uint8), packed.to(torch.uint8), _f16_bytes(d)], dim=1)
