@@ -116,3 +116,44 @@ def _iq4_xs(x: torch.Tensor) -> torch.Tensor:
     scales_h = (hi << (2 * torch.arange(8, device=x.device, dtype=torch.int32))).sum(dim=1)
     sh = torch.stack([scales_h & 0xFF, scales_h >> 8], dim=1).to(torch.uint8)
     return torch.cat([_f16_bytes(d), sh, scales_l, _pack(L)], dim=1)
+
+
+# -- ternary formats (ggml's quantize_row_tq*_ref) ------------------------------------
+
+def _ternary(x: torch.Tensor):
+    """(d, trits 0..2 as int32) per 256-weight block: d = absmax, trit = roundf(x/d) + 1."""
+    from .quant import _inv, roundf
+
+    d = x.abs().amax(dim=1)
+    t = (roundf(x * _inv(d)[:, None]) + 1).to(torch.int32)
+    return d, t
+
+
+def _base3(trits: torch.Tensor) -> torch.Tensor:
+    """(..., k) trits, first most significant -> the byte ggml stores: ceil(q * 256 / 243)."""
+    q = torch.zeros(trits.shape[:-1], dtype=torch.int32, device=trits.device)
+    for i in range(trits.shape[-1]):
+        q = q * 3 + trits[..., i]
+    return (q * 256 + 242) // 243
+
+
+@register_quantizer(GGMLType.TQ1_0)
+def _tq1_0(x: torch.Tensor) -> torch.Tensor:
+    n = x.shape[0]
+    d, t = _ternary(x)
+    # 32 bytes of 5 trits (value m + 32*k), then 16 bytes of 5 (m + 16*k), then 4 bytes of 4 (j + 4*k)
+    a = t[:, :160].reshape(n, 5, 32).transpose(1, 2)
+    b = t[:, 160:240].reshape(n, 5, 16).transpose(1, 2)
+    c = t[:, 240:].reshape(n, 4, 4).transpose(1, 2)
+    c = torch.cat([c, torch.zeros_like(c[..., :1])], dim=-1)  # "shift the first value to the top trit"
+    qs = torch.cat([_base3(a), _base3(b), _base3(c)], dim=1)
+    return torch.cat([qs.to(torch.uint8), _f16_bytes(d)], dim=1)
+
+
+@register_quantizer(GGMLType.TQ2_0)
+def _tq2_0(x: torch.Tensor) -> torch.Tensor:
+    n = x.shape[0]
+    d, t = _ternary(x)
+    t = (t & 3).reshape(n, 2, 4, 32)
+    qs = t[:, :, 0] | (t[:, :, 1] << 2) | (t[:, :, 2] << 4) | (t[:, :, 3] << 6)
+    return torch.cat([qs.reshape(n, 64).to(torch.uint8), _f16_bytes(d)], dim=1)
