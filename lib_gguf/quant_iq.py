@@ -157,3 +157,23 @@ def _tq2_0(x: torch.Tensor) -> torch.Tensor:
     t = (t & 3).reshape(n, 2, 4, 32)
     qs = t[:, :, 0] | (t[:, :, 1] << 2) | (t[:, :, 2] << 4) | (t[:, :, 3] << 6)
     return torch.cat([qs.reshape(n, 64).to(torch.uint8), _f16_bytes(d)], dim=1)
+
+
+# -- MXFP4 ------------------------------------------------------------------------------
+
+@register_quantizer(GGMLType.MXFP4)
+def _mxfp4(x: torch.Tensor) -> torch.Tensor:
+    """Shared UE8M0 exponent floor(log2(absmax)) - 2 (so the largest E2M1 level, 6,
+    covers the block), then each weight to its nearest doubled-E2M1 level (the first
+    on a tie), as gguf-py's reference quantizer does."""
+    from .dequant_iq import E2M1_DOUBLED, _e8m0_half
+
+    amax = x.abs().amax(dim=1)
+    _, exp = torch.frexp(amax)  # amax = m * 2**exp, m in [0.5, 1): floor(log2(amax)) = exp - 1
+    e = torch.where(amax > 0, (exp - 1 - 2 + 127).clamp(0, 255), torch.zeros_like(exp)).to(torch.uint8)
+    d = _e8m0_half(e)
+    levels = torch.tensor(E2M1_DOUBLED, dtype=torch.float32, device=x.device)
+    err = (d[:, None, None] * levels - x[:, :, None]).abs()
+    best = err.argmin(dim=-1).to(torch.uint8)
+    qs = best[:, :16] | (best[:, 16:] << 4)
+    return torch.cat([e[:, None], qs], dim=1)

@@ -78,3 +78,16 @@ def test_imatrix_formats_say_so():
     for fmt in ("IQ2_XXS", "IQ2_XS", "IQ1_S"):
         with pytest.raises(GGUFFormatError, match="importance matrix"):
             lib_gguf.quantize(torch.randn(2, 256), fmt)
+
+
+def test_mxfp4_matches_gguf_reference_quantizer():
+    gguf = pytest.importorskip("gguf")
+    if not hasattr(gguf.GGMLQuantizationType, "MXFP4"):
+        pytest.skip("this gguf has no MXFP4")
+    rng = np.random.default_rng(0)
+    for scale in (1e-3, 1.0, 50.0):
+        x = (rng.standard_normal((32, 1024)) * scale).astype(np.float32)
+        x[3] = 0
+        x[5, :7] = [6, 3, 2, 1.5, -6, -3, 0.75]  # exact levels and ties
+        ref = gguf.quants.quantize(x, gguf.GGMLQuantizationType.MXFP4)
+        assert np.array_equal(lib_gguf.quantize(torch.from_numpy(x), "MXFP4").numpy(), ref)
