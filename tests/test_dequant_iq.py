@@ -89,3 +89,25 @@ def test_iq1_m_delta_signs_follow_ggml():
     diff = (clear - set_bits).reshape(4, 16, 16)
     assert torch.all(diff.reshape(4, 16, 16).std(dim=-1) < 1e-3 * diff.abs().amax().clamp(min=1e-30))
     assert torch.all(diff.reshape(4, 16, 16).mean(dim=-1) * torch.sign(diff.reshape(4, 16, 16)[..., 0]) >= 0)
+
+
+@pytest.mark.parametrize("name", ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M"])
+def test_grids_equal_gguf_py_grids(name):
+    """Every entry of our compact grids equals gguf-py's lattice (all entries, not only those random bytes hit)."""
+    from lib_gguf.grids import grid
+
+    cls = getattr(gguf.quants, name, None)
+    if cls is None:
+        pytest.skip(f"this gguf has no {name} grid to compare with")
+    cls.init_grid()
+    ours = grid(name)
+    ref = torch.from_numpy(np.asarray(cls.grid, dtype=np.float32).reshape(ours.shape))
+    assert torch.equal(ours, ref)
+
+
+def test_ksigns_equal_gguf_py():
+    from lib_gguf.grids import ksigns
+
+    ks = np.frombuffer(bytes(gguf.quants.IQ2_XXS.ksigns), dtype=np.uint8)
+    bits = ((ks[:, None] >> np.arange(8)) & 1).astype(np.float32)
+    assert torch.equal(ksigns(), torch.from_numpy(1 - 2 * bits))
