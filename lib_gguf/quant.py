@@ -68,6 +68,20 @@ def _inv(d: torch.Tensor) -> torch.Tensor:
     return torch.where(d != 0, 1.0 / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
 
 
+def rdiv(c: float, t: torch.Tensor) -> torch.Tensor:
+    """``c / t`` rounded as C rounds it. torch computes ``scalar / tensor`` as
+    ``t.reciprocal() * scalar``, which differs in the last bit about a quarter of the
+    time for constants that are not powers of two (63, 15, 31...)."""
+    return torch.full_like(t, float(c)) / t
+
+
+def sqrtf(t: torch.Tensor) -> torch.Tensor:
+    """C's sqrtf, correctly rounded. torch's float32 sqrt on the CPU is not always
+    (46.369140625 gives one ulp below the nearest float), so take it in float64:
+    a float64 square root of a float32 rounds back to the nearest float32."""
+    return t.double().sqrt().to(t.dtype)
+
+
 def roundf(v: torch.Tensor) -> torch.Tensor:
     """C's roundf (half away from zero), exactly, in float32."""
     r = torch.round(v)  # half to even
@@ -180,7 +194,7 @@ def _make_qx_quants(x: torch.Tensor, nmax: int):
         suml2 = _seq_sum(w[:, i] * l[:, i] * l[:, i] for i in range(k))
         return l, sumlx, suml2
 
-    iscale = -float(nmax) / safe_max
+    iscale = rdiv(-float(nmax), safe_max)
     l, sumlx, suml2 = attempt(iscale)
     scale = torch.where(suml2 != 0, sumlx / torch.where(suml2 != 0, suml2, torch.ones_like(suml2)),
                         torch.zeros_like(suml2))
@@ -190,7 +204,7 @@ def _make_qx_quants(x: torch.Tensor, nmax: int):
         if step == 0:
             continue
         off = torch.tensor(0.1, dtype=torch.float32) * torch.tensor(float(step), dtype=torch.float32)
-        iscale = -(float(nmax) + off) / safe_max
+        iscale = rdiv(-(float(nmax) + off), safe_max)
         l2, sumlx2, suml22 = attempt(iscale)
         better = (suml22 > 0) & (sumlx2 * sumlx2 > best * suml22)
         L = torch.where(better[:, None], l2, L)
@@ -219,7 +233,7 @@ def _make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: f
     flat = mx == mn
     one = torch.ones_like(mx)
     rng = torch.where(flat, one, mx - mn)
-    iscale = float(nmax) / rng
+    iscale = rdiv(float(nmax), rng)
     scale = 1.0 / iscale
     L = nearest_int(iscale * (xt - mn)).clamp_(0, nmax)
     diff = scale * L + mn - xt
@@ -282,7 +296,7 @@ def _q45_k(x: torch.Tensor, nmax: int, rmin: float, nstep: int):
     sub = x.reshape(nb * 8, 32)
     st = sub.t()
     sum_x2 = _seq_sum(st[i] * st[i] for i in range(32))
-    av_x = torch.sqrt(sum_x2 / 32)
+    av_x = sqrtf(sum_x2 / 32)
     weights = av_x[:, None] + sub.abs()
     scales, mins, L = _make_qkx2_quants(sub, weights, nmax, rmin, 0.1, nstep)
     scales = scales.reshape(nb, 8)
@@ -290,9 +304,9 @@ def _q45_k(x: torch.Tensor, nmax: int, rmin: float, nstep: int):
     L = L.reshape(nb, 256)
     max_scale = _running_max_positive(scales)
     max_min = _running_max_positive(mins)
-    inv_scale = torch.where(max_scale > 0, 63.0 / torch.where(max_scale > 0, max_scale, torch.ones_like(max_scale)),
+    inv_scale = torch.where(max_scale > 0, rdiv(63.0, torch.where(max_scale > 0, max_scale, torch.ones_like(max_scale))),
                             torch.zeros_like(max_scale))
-    inv_min = torch.where(max_min > 0, 63.0 / torch.where(max_min > 0, max_min, torch.ones_like(max_min)),
+    inv_min = torch.where(max_min > 0, rdiv(63.0, torch.where(max_min > 0, max_min, torch.ones_like(max_min))),
                           torch.zeros_like(max_min))
     # uint8_t ls = nearest_int(...): an int narrowed to 8 bits, then MIN(63, ...)
     ls = (nearest_int(inv_scale[:, None] * scales).to(torch.int32) & 0xFF).clamp(max=63)
@@ -343,7 +357,7 @@ def _q6_k(x: torch.Tensor) -> torch.Tensor:
     max_scale = scales.gather(1, idx).squeeze(1)
     zero = max_abs < 1e-15
     safe = torch.where(zero, torch.ones_like(max_scale), max_scale)
-    iscale = -128.0 / safe
+    iscale = rdiv(-128.0, safe)
     d = torch.where(zero, torch.zeros_like(iscale), 1.0 / iscale)
     sc = nearest_int(iscale[:, None] * scales).clamp(max=127)
     sc = torch.where(zero[:, None], torch.zeros_like(sc), sc)
@@ -369,9 +383,9 @@ def _q2_k(x: torch.Tensor) -> torch.Tensor:
     max_scale = _running_max_positive(scales)
     max_min = _running_max_positive(mins)
     pos_s, pos_m = max_scale > 0, max_min > 0
-    ls = torch.where(pos_s[:, None], nearest_int((15.0 / torch.where(pos_s, max_scale, torch.ones_like(max_scale)))[:, None]
+    ls = torch.where(pos_s[:, None], nearest_int(rdiv(15.0, torch.where(pos_s, max_scale, torch.ones_like(max_scale)))[:, None]
                                                  * scales), torch.zeros_like(scales))
-    lm = torch.where(pos_m[:, None], nearest_int((15.0 / torch.where(pos_m, max_min, torch.ones_like(max_min)))[:, None]
+    lm = torch.where(pos_m[:, None], nearest_int(rdiv(15.0, torch.where(pos_m, max_min, torch.ones_like(max_min)))[:, None]
                                                  * mins), torch.zeros_like(mins))
     sc = (ls.to(torch.int32) | (lm.to(torch.int32) << 4)) & 0xFF
     d = torch.where(pos_s, max_scale / 15.0, torch.zeros_like(max_scale))
@@ -394,7 +408,7 @@ def _make_q3_quants(x: torch.Tensor, nmax: int):
     amax = ax.gather(0, idx).squeeze(0)
     mx = xt.gather(0, idx).squeeze(0)
     zero = amax < 1e-15
-    iscale = -float(nmax) / torch.where(zero, torch.ones_like(mx), mx)
+    iscale = rdiv(-float(nmax), torch.where(zero, torch.ones_like(mx), mx))
     L = nearest_int(iscale * xt).clamp(-nmax, nmax - 1)
     w = xt * xt
     wx = w * xt
@@ -431,7 +445,7 @@ def _q3_k(x: torch.Tensor) -> torch.Tensor:
     max_scale = torch.where(sa.gather(1, idx).squeeze(1) > 0, scales.gather(1, idx).squeeze(1),
                             torch.zeros(nb, device=x.device))
     nz = max_scale != 0
-    iscale = -32.0 / torch.where(nz, max_scale, torch.ones_like(max_scale))
+    iscale = rdiv(-32.0, torch.where(nz, max_scale, torch.ones_like(max_scale)))
     l6 = torch.where(nz[:, None], nearest_int(iscale[:, None] * scales).clamp(-32, 31) + 32,
                      torch.zeros_like(scales)).to(torch.int32)  # 0..63
     d = torch.where(nz, 1.0 / iscale, torch.zeros_like(iscale))
