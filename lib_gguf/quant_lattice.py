@@ -30,7 +30,7 @@ from .formats import GGMLType, register_quantizer
 from .grids import grid_indices
 from .quant import _f16_bytes, nearest_int, sqrtf
 
-_SHAPES = {"IQ3_XXS": (256, 4), "IQ3_S": (512, 4), "IQ2_S": (1024, 8)}
+_SHAPES = {"IQ3_XXS": (256, 4), "IQ3_S": (512, 4), "IQ2_S": (1024, 8), "IQ1_S": (2048, 8)}
 
 
 @lru_cache(maxsize=None)
@@ -234,6 +234,21 @@ def _lattice(x: torch.Tensor, spec: _Spec):
     return scale, L, signs, skipped, kmap
 
 
+_CHUNK = 1024  # blocks of 256 a pass: bounds the neighbour-search temporaries (tens of MB)
+
+
+def _chunked(fn):
+    """Run a per-block quantizer over at most ``_CHUNK`` blocks at a time (every
+    block is independent of the others)."""
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= _CHUNK:
+            return fn(x)
+        return torch.cat([fn(x[i:i + _CHUNK]) for i in range(0, x.shape[0], _CHUNK)], dim=0)
+    run.__name__ = fn.__name__
+    run.__doc__ = fn.__doc__
+    return run
+
+
 def _grid_codes(L, kmap, spec):
     m = L.shape[0]
     shifts = spec.bits * torch.arange(spec.dim, device=L.device)
@@ -253,6 +268,7 @@ def _block_scales(scale, nblk, per, fudge):
 
 
 @register_quantizer(GGMLType.IQ3_XXS)
+@_chunked
 def _iq3_xxs(x: torch.Tensor) -> torch.Tensor:
     spec = _IQ3_XXS
     n = x.shape[0]
@@ -270,6 +286,7 @@ def _iq3_xxs(x: torch.Tensor) -> torch.Tensor:
 
 
 @register_quantizer(GGMLType.IQ3_S)
+@_chunked
 def _iq3_s(x: torch.Tensor) -> torch.Tensor:
     spec = _IQ3_S
     n = x.shape[0]
@@ -295,6 +312,7 @@ def _iq3_s(x: torch.Tensor) -> torch.Tensor:
 
 
 @register_quantizer(GGMLType.IQ2_S)
+@_chunked
 def _iq2_s(x: torch.Tensor) -> torch.Tensor:
     spec = _IQ2_S
     n = x.shape[0]
@@ -308,3 +326,166 @@ def _iq2_s(x: torch.Tensor) -> torch.Tensor:
     scales = l[:, 0::2] | (l[:, 1::2] << 4)
     return torch.cat([_f16_bytes(dh), (gi & 255).to(torch.uint8), sg.to(torch.uint8), qh.to(torch.uint8),
                       scales.to(torch.uint8)], dim=1)
+
+
+# -- IQ1_M ------------------------------------------------------------------------------
+#
+# Three levels a weight (-1, 0, 1), shifted by +-IQ1M_DELTA per group of 8. For each
+# 16-weight sub-block ggml sorts the weights and tries every pair of boundaries that
+# split them into the three levels, for the four combinations of shift directions of
+# its two groups, keeping the best weighted fit; a group whose levels are not a grid
+# point goes to its best neighbour. The block scale is then refitted over all 256.
+
+_DELTA = np.float32(0.125)
+_XP = np.array([-1 + _DELTA, _DELTA, 1 + _DELTA], dtype=np.float32)
+_XM = np.array([-1 - _DELTA, -_DELTA, 1 - _DELTA], dtype=np.float32)
+_MASKS = (0x00, 0x80, 0x08, 0x88)
+_IQ1_EPS = 1e-7
+
+
+@lru_cache(maxsize=None)
+def _splits():
+    """Every (i1, i2) boundary pair in ggml's loop order, as the level (0, 1, 2) of each
+    sorted position: (pairs, 16)."""
+    pairs = [(i1, i2) for i1 in range(17) for i2 in range(i1, 17)]
+    j = np.arange(16)
+    seg = np.stack([np.where(j < a, 0, np.where(j < b, 1, 2)) for a, b in pairs])
+    return seg
+
+
+def _shift_tables(best_k: torch.Tensor, device):
+    """(m, 2, 3) level values of each group: group 0 uses +delta when k < 2, group 1
+    when k is even."""
+    xp = torch.from_numpy(_XP).to(device)
+    xm = torch.from_numpy(_XM).to(device)
+    g0 = torch.where((best_k < 2)[:, None], xp, xm)
+    g1 = torch.where((best_k % 2 == 0)[:, None], xp, xm)
+    return torch.stack([g0, g1], dim=1)
+
+
+def _iq1m_sub_blocks(xs: torch.Tensor):
+    """Fit every 16-weight sub-block (rows of ``xs``). Returns (scale, best_k, grid
+    index (m, 2), skipped)."""
+    dev = xs.device
+    m = xs.shape[0]
+    kmap, nbrs, lev, _ = _tables("IQ1_S", 3, 2, 3, dev)
+    w = xs * xs
+    mx = xs.abs().amax(dim=1)
+    skipped = mx < _IQ1_EPS
+
+    order = torch.sort(xs, dim=1, stable=True).indices
+    xsrt = xs.gather(1, order)
+    wsrt = w.gather(1, order)
+    second = order >= 8                                          # the weight's group
+    xp = torch.from_numpy(_XP).to(dev)
+    xm = torch.from_numpy(_XM).to(dev)
+    # value of level s for accumulator k at each sorted position: (4, 3, m, 16)
+    # accumulators: 0 (+,+), 1 (+,-), 2 (-,+), 3 (-,-): the first sign is group 0's
+    use_p = torch.stack([torch.ones_like(second), ~second, second, torch.zeros_like(second)])
+    vals = torch.where(use_p[:, None], xp[None, :, None, None], xm[None, :, None, None])   # (4, 3, m, 16)
+    wv = wsrt[None, None] * vals
+    tqx = wv * xsrt[None, None]
+    tq2 = wv * vals
+    seg = torch.from_numpy(_splits()).to(dev)                                # (P, 16)
+    P = seg.shape[0]
+    sqx = sq2 = None
+    for j in range(16):
+        s = seg[:, j]                                                        # (P,)
+        ax = tqx[:, :, :, j].index_select(1, s)                             # (4, P, m)
+        a2 = tq2[:, :, :, j].index_select(1, s)
+        sqx = ax if sqx is None else sqx + ax
+        sq2 = a2 if sq2 is None else sq2 + a2
+    best = torch.full((m,), -np.finfo(np.float32).tiny, device=dev)
+    scale = mx.clone()
+    bp = torch.full((m,), -1, dtype=torch.long, device=dev)
+    bk = torch.full((m,), -1, dtype=torch.long, device=dev)
+    for p in range(P):
+        for k in range(4):
+            qx, q2 = sqx[k, p], sq2[k, p]
+            better = (q2 > 0) & (qx * qx > best * q2)
+            nd = qx / torch.where(q2 > 0, q2, torch.ones_like(q2))
+            scale = torch.where(better, nd, scale)
+            best = torch.where(better, nd * qx, best)
+            bp = torch.where(better, torch.full_like(bp, p), bp)
+            bk = torch.where(better, torch.full_like(bk, k), bk)
+    found = bp >= 0
+    bp = bp.clamp(min=0)
+    bk = bk.clamp(min=0)
+    Ls = seg[bp]                                                             # levels by sorted position
+    L = torch.empty_like(Ls).scatter_(1, order, Ls)
+    neg = scale < 0
+    L = torch.where(neg[:, None], 2 - L, L)
+    scale = scale.abs()
+    bk = torch.where(neg, 3 - bk, bk)
+
+    tab = _shift_tables(bk, dev)                                             # (m, 2, 3)
+    shifts = 2 * torch.arange(8, device=dev)
+    u = (L.reshape(m, 2, 8) << shifts).sum(-1)                               # (m, 2)
+    gi = kmap[u]
+    off = (gi < 0) & ~skipped[:, None]
+    if off.any():
+        r, g = off.nonzero(as_tuple=True)
+        cand = nbrs[u[r, g]]                                                 # (k, width)
+        q = tab[r, g][:, None, :].expand(-1, cand.shape[1], -1).gather(2, lev[cand.clamp(min=0)])  # (k, width, 8)
+        xv = xs.reshape(m, 2, 8)[r, g]
+        wv8 = w.reshape(m, 2, 8)[r, g]
+        diff = scale[r][:, None, None] * q - xv[:, None, :]
+        t = (wv8[:, None, :] * diff) * diff
+        d2 = _seq(t[..., i] for i in range(8))
+        d2 = torch.where((cand >= 0) & (d2 < np.finfo(np.float32).max), d2, torch.full_like(d2, float("inf")))
+        gi[r, g] = cand.gather(1, d2.argmin(dim=1)[:, None]).squeeze(1)
+        # refit the scale over both groups' grid points
+        rows = off.any(dim=1)
+        qv = torch.gather(tab, 2, lev[gi.clamp(min=0)])                      # (m, 2, 8)
+        qv = qv.reshape(m, 16)
+        wq = w * qv
+        fx = _seq(wq[:, i] * xs[:, i] for i in range(16))
+        f2 = _seq(wq[:, i] * qv[:, i] for i in range(16))
+        ok = rows & (fx > 0) & (f2 > 0)
+        scale = torch.where(ok, fx / torch.where(ok, f2, torch.ones_like(f2)), scale)
+    if not bool(found[~skipped].all()):
+        raise FloatingPointError("IQ1_M: no fit for a sub-block (non-finite weights?)")
+    gi = torch.where(skipped[:, None], torch.zeros_like(gi), gi)
+    scale = torch.where(skipped, torch.zeros_like(scale), scale)
+    return scale, bk, gi, skipped
+
+
+@register_quantizer(GGMLType.IQ1_M)
+@_chunked
+def _iq1_m(x: torch.Tensor) -> torch.Tensor:
+    dev = x.device
+    n = x.shape[0]
+    m = n * 16
+    xs = x.reshape(m, 16)
+    scale, bk, gi, skipped = _iq1m_sub_blocks(xs)
+    # ggml does not set the shift of a sub-block it skips (all |x| < 1e-7); in the ggml
+    # build that made our oracle it reads as 0 in every such case (409 of 409), so a
+    # skipped sub-block gets shift 0 (no mask bits).
+    bk = torch.where(skipped, torch.zeros_like(bk), bk)
+    _, _, lev, _ = _tables("IQ1_S", 3, 2, 3, dev)
+    sc = scale.reshape(n, 16)
+    max_scale = sc.amax(dim=1)
+    live = max_scale > 0
+    d = max_scale / 15
+    idv = 1 / torch.where(live, d, torch.ones_like(d))
+    l = nearest_int(0.5 * (idv[:, None] * sc - 1)).clamp(0, 7).long()        # (n, 16)
+    tab = _shift_tables(bk, dev)                                             # (m, 2, 3)
+    q = torch.gather(tab, 2, lev[gi]).reshape(n, 256) * (2 * l + 1).repeat_interleave(16, dim=1).to(torch.float32)
+    w = x * x
+    wq = w * q
+    fx = _seq(wq[:, i] * x[:, i] for i in range(256))
+    f2 = _seq(wq[:, i] * q[:, i] for i in range(256))
+    d = torch.where(f2 > 0, fx / torch.where(f2 > 0, f2, torch.ones_like(f2)), d)
+    dbits = (d * np.float32(1.1125)).to(torch.float16).view(torch.int16).to(torch.int64) & 0xFFFF
+
+    l4 = l.reshape(n, 4, 4)
+    sc16 = (l4 << (3 * torch.arange(4, device=dev))).sum(-1)                 # (n, 4) 12 bits each
+    sc16 = sc16 | (((dbits[:, None] >> (4 * torch.arange(4, device=dev))) & 0xF) << 12)
+    sc16 = torch.where(live[:, None], sc16, torch.zeros_like(sc16))
+    masks = torch.tensor(_MASKS, device=dev)[bk].reshape(n, 16)
+    g = gi.reshape(n, 16, 2)
+    qh = (g[..., 0] >> 8) | ((g[..., 1] >> 8) << 4)
+    qh = torch.where(live[:, None], qh | masks, qh)
+    qs = (gi & 255).reshape(n, 32)
+    scales = torch.stack([sc16 & 0xFF, sc16 >> 8], dim=-1).reshape(n, 8)
+    return torch.cat([qs.to(torch.uint8), qh.to(torch.uint8), scales.to(torch.uint8)], dim=1)
