@@ -69,13 +69,52 @@ def _tables_np(name: str, nlevels: int, bits: int, nwant: int):
 _dev_cache: dict = {}
 
 
-def _tables(name, nlevels, bits, nwant, device):
+class _Tables:
+    """A grid's lookup tables on one device. The neighbour lists are kept ragged
+    (``flat[start[u]:start[u] + count[u]]``): they hold 5 to 72 entries on average
+    against a longest of 36 to 205, and the search is the quantizers' main cost."""
+
+    def __init__(self, name, nlevels, bits, nwant, device):
+        kmap, nb, lev = _tables_np(name, nlevels, bits, nwant)
+        count = (nb >= 0).sum(axis=1)
+        start = np.concatenate([[0], np.cumsum(count)[:-1]])
+        self.kmap = torch.from_numpy(kmap).to(device)
+        self.flat = torch.from_numpy(nb[nb >= 0]).to(device)           # row-major: each list in order
+        self.start = torch.from_numpy(start).to(device)
+        self.count = torch.from_numpy(count).to(device)
+        self.lev = torch.from_numpy(lev).to(device)
+        self.odd = torch.from_numpy(2 * lev + 1).to(torch.float32).to(device)
+
+    def best_neighbour(self, u, scale, xv, wv, values):
+        """ggml's ``find_best_neighbour`` for each off-grid code ``u`` (k,): the first
+        of its neighbours with the smallest ``sum_i wv_i * (scale * q_i - xv_i)**2``
+        (summed in order, float32). ``values(cand, owner)`` gives the ``q`` of each
+        candidate grid point for the group that owns it. Returns grid indices (k,)."""
+        k = u.shape[0]
+        cnt = self.count.index_select(0, u)
+        owner = torch.repeat_interleave(torch.arange(k, device=u.device), cnt)
+        first = torch.cumsum(cnt, 0) - cnt
+        pos = torch.arange(owner.shape[0], device=u.device) - first.index_select(0, owner)
+        cand = self.flat.index_select(0, self.start.index_select(0, u).index_select(0, owner) + pos)
+        q = values(cand, owner)                                        # (total, D)
+        diff = scale.index_select(0, owner)[:, None] * q - xv.index_select(0, owner)
+        t = (wv.index_select(0, owner) * diff) * diff
+        d2 = _seq(t[:, i] for i in range(t.shape[1]))
+        d2 = torch.where(d2 < np.finfo(np.float32).max, d2, torch.full_like(d2, float("inf")))
+        best = torch.full((k,), float("inf"), device=u.device).scatter_reduce(0, owner, d2, "amin")
+        best = best.index_select(0, owner)
+        idx = torch.arange(owner.shape[0], device=u.device)
+        big = torch.full_like(idx, owner.shape[0])
+        pick = torch.full((k,), owner.shape[0], dtype=idx.dtype, device=u.device).scatter_reduce(
+            0, owner, torch.where(d2 == best, idx, big), "amin")
+        return cand.index_select(0, pick.clamp(max=max(owner.shape[0] - 1, 0)))
+
+
+def _tables(name, nlevels, bits, nwant, device) -> _Tables:
     key = (name, str(device))
     t = _dev_cache.get(key)
     if t is None:
-        kmap, nb, lev = _tables_np(name, nlevels, bits, nwant)
-        t = (torch.from_numpy(kmap).to(device), torch.from_numpy(nb).to(device),
-             torch.from_numpy(lev).to(device), torch.from_numpy(2 * lev + 1).to(torch.float32).to(device))
+        t = _Tables(name, nlevels, bits, nwant, device)
         _dev_cache[key] = t
     return t
 
@@ -114,7 +153,8 @@ def _lattice(x: torch.Tensor, spec: _Spec):
     skipped (m,) bool), m = nblocks * 256 / sub.
     """
     dev = x.device
-    kmap, nbrs, lev, odd = _tables(spec.grid, spec.kmaxq, spec.bits, spec.nwant, dev)
+    tabs = _tables(spec.grid, spec.kmaxq, spec.bits, spec.nwant, dev)
+    kmap, lev, odd = tabs.kmap, tabs.lev, tabs.odd
     S, D = spec.sub, spec.dim
     nblk = x.shape[0]
     xs = x.reshape(-1, S)
@@ -163,23 +203,18 @@ def _lattice(x: torch.Tensor, spec: _Spec):
             gid = id_.repeat_interleave(ng)
             gsc = scale_.repeat_interleave(ng)
         else:
-            gx, gw = xg[rows], wg[rows]
-            gid = id_[rows // ng]
-            gsc = scale_[rows // ng]
+            gx, gw = xg.index_select(0, rows), wg.index_select(0, rows)
+            gid = id_.index_select(0, rows // ng)
+            gsc = scale_.index_select(0, rows // ng)
         Lg = nearest_int(0.5 * (gid[:, None] * gx - 1)).clamp(0, spec.kmaxq - 1).long()
         u = (Lg << shifts).sum(dim=1)
-        gi = kmap[u]
+        gi = kmap.index_select(0, u)
         off = gi < 0
         oi = off.nonzero().squeeze(1)
         if oi.numel():
-            cand = nbrs[u[oi]]                                   # (k, width)
-            pts = odd[cand.clamp(min=0)]                         # (k, width, D)
-            diff = gsc[oi][:, None, None] * pts - gx[oi][:, None, :]
-            t = (gw[oi][:, None, :] * diff) * diff
-            d2 = _seq(t[..., i] for i in range(D))
-            d2 = torch.where((cand >= 0) & ~torch.isnan(d2), d2, torch.full_like(d2, float("inf")))
-            best = d2.argmin(dim=1)
-            Lg[oi] = lev[cand.gather(1, best[:, None]).squeeze(1)]
+            best = tabs.best_neighbour(u.index_select(0, oi), gsc.index_select(0, oi), gx.index_select(0, oi),
+                                       gw.index_select(0, oi), lambda cand, owner: odd.index_select(0, cand))
+            Lg[oi] = lev.index_select(0, best)
         return Lg, ~off
 
     def fit(Lt):
@@ -368,7 +403,8 @@ def _iq1m_sub_blocks(xs: torch.Tensor):
     index (m, 2), skipped)."""
     dev = xs.device
     m = xs.shape[0]
-    kmap, nbrs, lev, _ = _tables("IQ1_S", 3, 2, 3, dev)
+    tabs = _tables("IQ1_S", 3, 2, 3, dev)
+    kmap, lev = tabs.kmap, tabs.lev
     w = xs * xs
     mx = xs.abs().amax(dim=1)
     skipped = mx < _IQ1_EPS
@@ -425,15 +461,9 @@ def _iq1m_sub_blocks(xs: torch.Tensor):
     off = (gi < 0) & ~skipped[:, None]
     if off.any():
         r, g = off.nonzero(as_tuple=True)
-        cand = nbrs[u[r, g]]                                                 # (k, width)
-        q = tab[r, g][:, None, :].expand(-1, cand.shape[1], -1).gather(2, lev[cand.clamp(min=0)])  # (k, width, 8)
-        xv = xs.reshape(m, 2, 8)[r, g]
-        wv8 = w.reshape(m, 2, 8)[r, g]
-        diff = scale[r][:, None, None] * q - xv[:, None, :]
-        t = (wv8[:, None, :] * diff) * diff
-        d2 = _seq(t[..., i] for i in range(8))
-        d2 = torch.where((cand >= 0) & (d2 < np.finfo(np.float32).max), d2, torch.full_like(d2, float("inf")))
-        gi[r, g] = cand.gather(1, d2.argmin(dim=1)[:, None]).squeeze(1)
+        gtab = tab[r, g]                                                     # (k, 3) level values
+        gi[r, g] = tabs.best_neighbour(u[r, g], scale[r], xs.reshape(m, 2, 8)[r, g], w.reshape(m, 2, 8)[r, g],
+                                       lambda cand, owner: gtab[owner].gather(1, lev[cand]))
         # refit the scale over both groups' grid points
         rows = off.any(dim=1)
         qv = torch.gather(tab, 2, lev[gi.clamp(min=0)])                      # (m, 2, 8)
@@ -462,7 +492,7 @@ def _iq1_m(x: torch.Tensor) -> torch.Tensor:
     # build that made our oracle it reads as 0 in every such case (409 of 409), so a
     # skipped sub-block gets shift 0 (no mask bits).
     bk = torch.where(skipped, torch.zeros_like(bk), bk)
-    _, _, lev, _ = _tables("IQ1_S", 3, 2, 3, dev)
+    lev = _tables("IQ1_S", 3, 2, 3, dev).lev
     sc = scale.reshape(n, 16)
     max_scale = sc.amax(dim=1)
     live = max_scale > 0

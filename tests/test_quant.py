@@ -96,3 +96,29 @@ def test_c_rounding_helpers():
     assert np.array_equal(rdiv(63.0, x).numpy(), np.float32(63.0) / xn)
     assert np.array_equal(sqrtf(x).numpy(), np.sqrt(xn))
     assert sqrtf(torch.tensor([46.369140625])).item() == float(np.sqrt(np.float32(46.369140625)))
+
+
+@pytest.mark.parametrize("fmt", ORACLE_FORMATS)
+def test_byte_identical_to_live_ggml(fmt):
+    """Beyond the stored oracle: ggml's own quantizer through ggml-python, when installed,
+    on rows of mixed scales, zero runs, exact ties and fp16-edge magnitudes."""
+    from lib_gguf import ggml_ref
+
+    if not ggml_ref.available():
+        pytest.skip("ggml-python is not installed")
+    rng = np.random.default_rng(abs(hash(fmt)) % 2**32)
+    x = rng.standard_normal((12, 512)).astype(np.float32) * rng.lognormal(0, 2, (12, 1)).astype(np.float32)
+    x[1, 40:300] = 0
+    x[2] = np.round(x[2] * 2)
+    x[3] *= 1e-6
+    x[4] = np.abs(x[4])
+    x[5] = 3.0
+    x[6] *= 3e4
+    x[7, ::3] = 0
+    ref = ggml_ref.quantize(x, fmt)
+    got = lib_gguf.quantize(torch.from_numpy(x), fmt).numpy()
+    f = get_format(fmt)
+    got, ref = _normalise_zero_scales(got.reshape(-1, f.type_size), fmt), \
+        _normalise_zero_scales(ref.reshape(-1, f.type_size), fmt)
+    bad = np.where((got != ref).any(axis=1))[0]
+    assert len(bad) == 0, f"{fmt}: {len(bad)} of {len(ref)} blocks differ from ggml, first {bad[:5]}"
