@@ -85,13 +85,100 @@ def forge_patches_to_lib_lora(key: str, patches) -> Tuple[List[tuple], List]:
     return ours, theirs
 
 
+def set_options_provider(provider) -> None:
+    """``provider()`` returns the ``lib_lora.policy.LoraOptions`` for the next
+    generation (the tab and Forge's settings set it); None for the defaults."""
+    _state["options"] = provider
+
+
+def _options():
+    from lib_lora.policy import LoraOptions
+
+    provider = _state.get("options")
+    if provider is None:
+        return LoraOptions()
+    try:
+        return provider()
+    except Exception as e:  # a broken options file must not stop a generation
+        log.warning("GGUF LoRA options unreadable (%s): using the defaults", e)
+        return LoraOptions()
+
+
+def last_modes() -> Dict[str, str]:
+    """Per GGUF format, the LoRA mode(s) the last refresh used (``"merge"``,
+    ``"runtime"`` or ``"merge+runtime"``): what the infotext records."""
+    return dict(_state.get("modes", {}))
+
+
+def _decide(model, key: str, plist, online: bool, opts, modes: Dict[str, set]) -> bool:
+    """Whether this weight's patches go to run time (True) or are merged (False),
+    by the user's choice for the weight's format; float weights keep Forge's choice."""
+    from backend import utils as butils
+
+    try:
+        weight = butils.get_attr(model, key)
+    except AttributeError:
+        return online  # Forge reports the bad key itself
+    fmt = getattr(weight, "gguf_cls", None)
+    if fmt is None or not hasattr(fmt, "can_quantize"):
+        return online
+    choice = opts.mode_by_format.get(fmt.name) or opts.default_gguf_mode
+    if choice == "auto":
+        want = "runtime" if online else "merge"
+    else:
+        want = choice
+    ours, theirs = forge_patches_to_lib_lora(key, plist)
+    if want == "merge" and not fmt.can_quantize:
+        want = "runtime"  # no quantizer to write a merge back with
+    elif want == "merge" and choice == "auto" and ours and not theirs:
+        from lib_lora.apply import merge_keep
+
+        try:
+            kept = merge_keep(weight, ours, opts)
+        except Exception as e:  # the estimate is advice; Forge's own merge will report real errors
+            log.debug("merge estimate failed for %s: %s", key, e)
+            kept = 1.0
+        if kept < opts.keep_threshold:
+            log.info("GGUF LoRA: %s (%s) at run time: a merge would keep %.0f%% of the delta", key, fmt.name,
+                     100 * kept)
+            want = "runtime"
+    modes.setdefault(fmt.name, set()).add(want)
+    return want == "runtime"
+
+
+def route_patches(model, lora_patches, opts) -> Tuple[dict, Dict[str, str]]:
+    """Forge's ``lora_patches`` (``{(file, strength, strength_model, online): {key:
+    patches}}``) with each GGUF weight's patches moved to the online (run-time) or
+    offline (merged) group the policy picks. Returns (routed, modes by format)."""
+    routed: dict = {}
+    modes: Dict[str, set] = {}
+    for gk, patches in lora_patches.items():
+        head, online = tuple(gk[:-1]), bool(gk[-1])
+        for key, plist in patches.items():
+            target = _decide(model, key, plist, online, opts, modes)
+            routed.setdefault(head + (target,), {})[key] = plist
+    return routed, {k: "+".join(sorted(v)) for k, v in modes.items()}
+
+
 def _wrap_refresh(original):
     def refresh(self, lora_patches, *args, **kwargs):
+        opts = _options()
+        routed, modes = route_patches(self.model, lora_patches, opts)
+        sig = repr(opts.to_dict())
+        if sig != getattr(self, "_gguf_options_sig", None):
+            kwargs["force_refresh"] = True  # options changed since the last refresh
+        before = getattr(self, "online_backup", None)
+        result = original(self, routed, *args, **kwargs)
+        self._gguf_options_sig = sig
+        if getattr(self, "online_backup", None) is before:
+            # Forge found nothing to do (same patches: a model reload, a partial
+            # unload and load): the run-time deltas attached last time stay as they are.
+            return result
         for hook in getattr(self, "_gguf_runtime_hooks", []):
             hook.remove()
         self._gguf_runtime_hooks = []
-        result = original(self, lora_patches, *args, **kwargs)
-        _attach_runtime(self)
+        _attach_runtime(self, opts)
+        _state["modes"] = modes
         return result
 
     refresh.__wrapped__ = original
@@ -99,9 +186,10 @@ def _wrap_refresh(original):
     return refresh
 
 
-def _attach_runtime(loader) -> None:
-    from lib_lora.apply import attach_runtime
+def _attach_runtime(loader, opts=None) -> None:
+    from lib_lora.apply import _DTYPES, attach_runtime
 
+    compute_dtype = _DTYPES.get(opts.compute_dtype) if opts is not None else None
     for layer in set(getattr(loader, "online_backup", [])):
         patches = getattr(layer, "forge_online_loras", None)
         if not patches or "weight" not in patches:
@@ -112,7 +200,7 @@ def _attach_runtime(loader) -> None:
         ours, theirs = forge_patches_to_lib_lora("weight", patches["weight"])
         if not ours:
             continue
-        loader._gguf_runtime_hooks.append(attach_runtime(layer, ours))
+        loader._gguf_runtime_hooks.append(attach_runtime(layer, ours, compute_dtype))
         if theirs:
             patches["weight"] = theirs
         else:

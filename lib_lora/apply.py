@@ -123,6 +123,9 @@ class _RuntimeHook:
     def _factors(self, device, dtype):
         key = (device, dtype)
         if key not in self._cache:
+            # one copy, for where the layer runs now: a layer that Forge moves back to
+            # the CPU (or swaps out) must not keep its factors alive on the GPU
+            self._cache.clear()
             facs = []
             for patch, si, dora_factor in self.entries:
                 if patch.is_lowrank:

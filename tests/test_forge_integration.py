@@ -26,6 +26,8 @@ def _run(tmp_path, which_gguf):
     import lib_gguf
 
     formats = [f for f in FORMATS if lib_gguf.get_format(f).can_quantize]
+    if which_gguf == "newest" and not os.environ.get("FORGE_GGUF_NEWEST"):
+        pytest.skip("set FORGE_GGUF_NEWEST to a folder holding the newest PyPI gguf (pip install --target DIR gguf)")
     env = dict(os.environ, FORGE_GGUF=which_gguf)
     py = os.environ.get("FORGE_PYTHON", sys.executable)
     r = subprocess.run([py, str(ROOT / "tests" / "forge" / "run_forge_check.py"), str(tmp_path), *formats],
@@ -37,7 +39,9 @@ def _run(tmp_path, which_gguf):
     return formats, lines
 
 
-@pytest.mark.parametrize("which_gguf", ["first-found", "bundled"])
+# first-found: whatever ``import gguf`` finds in $FORGE_PYTHON (CI's old PyPI gguf 0.10);
+# bundled: no PyPI gguf in the way, Forge's own copy; newest: the newest PyPI gguf wins.
+@pytest.mark.parametrize("which_gguf", ["first-found", "bundled", "newest"])
 def test_every_format_loads_runs_and_takes_loras_in_forge(tmp_path, which_gguf):
     formats, lines = _run(tmp_path, which_gguf)
     by_fmt = {l["format"]: l for l in lines if "format" in l}
@@ -53,4 +57,18 @@ def test_every_format_loads_runs_and_takes_loras_in_forge(tmp_path, which_gguf):
             # close to the float reference: no further off than the format is without a LoRA
             assert res["runtime_err_vs_float"] <= res["base_err_vs_float"] + 0.05, (fmt, res)
             assert res["merged_err_vs_float"] <= res["base_err_vs_float"] + 1.0, (fmt, res)
+            assert res["online_modes"] == {fmt: "runtime"}, res
+            # auto merges when Forge asks for it, unless a merge would lose too much of the delta
+            assert res["merged_modes"][fmt] in ("merge", "runtime")
+            assert res["merged_hooks"] == (1 if res["merged_modes"][fmt] == "runtime" else 0), res
+            # the per-format choice in our options overrides Forge's switch, at the next refresh
+            assert res["policy_runtime_hooks"] == 1 and res["policy_runtime_equal"], res
+            assert res["policy_merge_hooks"] == 0 and res["policy_merge_modes"] == {fmt: "merge"}, res
+            if res["merged_modes"][fmt] == "merge":
+                assert res["policy_merge_equal"], res
+            # Forge's memory management: swap load, unload, full load, a reload with the
+            # same patches (Forge returns early): the run-time LoRA stays, bit for bit
+            assert res["reload_hooks"] == 1 and res["reload_keeps_lora"], res
+            assert res["strength_change"], res
+        assert res["base_restored"], (fmt, res)
     assert lines[-1] == {"unregister_restores": True}

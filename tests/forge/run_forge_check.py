@@ -19,8 +19,12 @@ args = sys.argv[2:]
 out_dir, formats = args[0], args[1:]
 sys.path.insert(0, FORGE)
 sys.path.insert(0, ROOT)
-if os.environ.get("FORGE_GGUF") == "bundled":  # Forge's own copy of gguf wins the import
+WHICH = os.environ.get("FORGE_GGUF", "first-found")
+if WHICH == "bundled":  # PyPI gguf absent: Forge's own copy is what ``import gguf`` finds
     sys.path.insert(1, os.path.join(FORGE, "packages_3rdparty"))
+elif WHICH == "newest":  # the newest PyPI gguf, installed in $FORGE_GGUF_NEWEST, wins the import
+    sys.path.insert(1, os.environ["FORGE_GGUF_NEWEST"])
+    sys.path.append(os.path.join(FORGE, "packages_3rdparty"))
 else:
     sys.path.append(os.path.join(FORGE, "packages_3rdparty"))
 
@@ -31,6 +35,8 @@ import lib_gguf  # noqa: E402
 from lib_gguf.sample import FluxConfig, tiny_flux_state_dict  # noqa: E402
 
 from backend import memory_management, utils  # noqa: E402
+from backend.memory_management import LoadedModel  # noqa: E402
+from lib_lora.policy import LoraOptions  # noqa: E402
 from backend.nn.flux import IntegratedFluxTransformer2DModel  # noqa: E402
 from backend.operations import using_forge_operations  # noqa: E402
 from backend.patcher.base import ModelPatcher  # noqa: E402
@@ -100,7 +106,21 @@ def float_reference():
 
 REF_BASE, REF_LORA = float_reference()
 
-results = []
+def use_options(**kw):
+    extension.set_options_provider(lambda: LoraOptions(**kw))
+
+
+def with_lora(patcher, online, strength=1.0):
+    patcher.lora_patches = {}
+    patcher.add_patches(filename="t.safetensors", patches={KEY: ("lora", (UP, DOWN, None, None, None))},
+                        strength_patch=strength, online_mode=online)
+    patcher.refresh_loras()
+
+
+def hooks(model):
+    return len(model.double_blocks[0].img_attn.qkv._forward_hooks)
+
+
 for fmt in formats:
     res = {"format": fmt, "gguf": getattr(gguf, "__file__", "?")}
     try:
@@ -112,17 +132,16 @@ for fmt in formats:
         before = snapshot(model)
         patcher = ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
         delta_out = {}
+        # "auto" with no per-format choice: Forge's own switch decides (merge / run time)
+        use_options(default_gguf_mode="auto")
         for online in (False, True):
-            patcher.lora_patches = {}
-            patcher.add_patches(filename="t.safetensors", patches={KEY: ("lora", (UP, DOWN, None, None, None))},
-                                strength_patch=1.0, online_mode=online)
-            patcher.refresh_loras()
+            with_lora(patcher, online)
             out = run(model)
             delta_out[online] = out
             layer = model.double_blocks[0].img_attn.qkv
-            res[f"{'online' if online else 'merged'}_hooks"] = len(layer._forward_hooks)
+            res[f"{'online' if online else 'merged'}_hooks"] = hooks(model)
             res[f"{'online' if online else 'merged'}_still_forge_online"] = "weight" in getattr(layer, "forge_online_loras", {})
-        # the float reference: the model with the float weight + delta, through the same Forge code
+            res[f"{'online' if online else 'merged'}_modes"] = extension.last_modes()
         res["lora_changes_output"] = float((delta_out[True] - base).abs().max())
         # error against the float reference, relative to this format's own error without a LoRA
         scale = float((REF_LORA - REF_BASE).abs().max())
@@ -131,11 +150,47 @@ for fmt in formats:
         res["merged_err_vs_float"] = float((delta_out[False] - REF_LORA).abs().max()) / scale
         res["merged_vs_runtime"] = float((delta_out[True] - delta_out[False]).abs().max() /
                                          (delta_out[True] - base).abs().max())
+
+        if fmt != "F16":
+            # the per-format choice overrides Forge's switch, and applies at the next refresh
+            use_options(mode_by_format={fmt: "runtime"})
+            with_lora(patcher, online=False)
+            res["policy_runtime_hooks"] = hooks(model)
+            res["policy_runtime_equal"] = bool(torch.equal(run(model), delta_out[True]))
+            use_options(mode_by_format={fmt: "merge"})
+            patcher.refresh_loras()  # same patches, new options: re-routed without a patch change
+            res["policy_merge_hooks"] = hooks(model)
+            res["policy_merge_equal"] = bool(torch.equal(run(model), delta_out[False]))
+            res["policy_merge_modes"] = extension.last_modes()
+
+            # memory management: Forge's real load/unload, with CPU swap, then a full load
+            use_options()  # the defaults: GGUF LoRAs at run time
+            with_lora(patcher, online=False)
+            ref = run(model)
+            lm = LoadedModel(patcher)
+            lm.model_load(model_gpu_memory_when_using_cpu_swap=1)
+            swapped = run(lm.real_model)
+            lm.model_unload()
+            lm = LoadedModel(patcher)
+            lm.model_load()
+            reloaded = run(lm.real_model)
+            lm.model_unload(avoid_model_moving=True)
+            patcher.refresh_loras()  # what a reload does: same patches, Forge returns early
+            again = run(model)
+            res["reload_hooks"] = hooks(model)
+            res["reload_keeps_lora"] = all(torch.equal(ref, o) for o in (swapped, reloaded, again))
+            # a strength change between generations, and back
+            with_lora(patcher, online=False, strength=0.5)
+            half = run(model)
+            with_lora(patcher, online=False, strength=1.0)
+            res["strength_change"] = bool(not torch.equal(half, ref) and not torch.equal(half, base)
+                                          and torch.equal(run(model), ref))
         patcher.lora_patches = {}
         patcher.refresh_loras()
         after = snapshot(model)
         res["bytes_restored"] = all(torch.equal(before[k], after[k]) for k in before)
-        res["hooks_after_remove"] = len(model.double_blocks[0].img_attn.qkv._forward_hooks)
+        res["hooks_after_remove"] = hooks(model)
+        res["base_restored"] = bool(torch.equal(run(model), base))
         res["ok"] = True
     except Exception as e:  # reported, not raised: one line per format
         import traceback

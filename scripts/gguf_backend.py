@@ -1,0 +1,77 @@
+"""Forge script: registers our GGUF backend when Forge loads its scripts, hands it
+the tab's options, and records the LoRA mode used in each image's infotext.
+
+Forge executes every file in ``scripts/`` at startup with the extension's folder on
+``sys.path`` (so ``extension``, ``lib_gguf`` and ``lib_lora`` import). Outside Forge
+importing this file does nothing: ``modules.scripts`` is not importable.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import sys
+
+log = logging.getLogger("forge_gguf_lora")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def _ui():
+    """scripts/gguf_ui.py, loaded by path (a PyPI package named ``scripts`` may shadow ours)."""
+    mod = sys.modules.get("forge_gguf_lora_ui")
+    if mod is None:
+        spec = importlib.util.spec_from_file_location("forge_gguf_lora_ui", os.path.join(ROOT, "scripts", "gguf_ui.py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["forge_gguf_lora_ui"] = mod
+        spec.loader.exec_module(mod)
+    return mod
+
+
+def infotext_params() -> dict:
+    """``{"GGUF LoRA": "Q4_K:runtime"}`` for the modes the last LoRA refresh used, or {}."""
+    import extension
+
+    modes = extension.last_modes()
+    if not modes:
+        return {}
+    return _ui().lora_infotext(modes=modes)
+
+
+def setup() -> bool:
+    """Register the backend with the tab's options as the policy's input. False outside Forge."""
+    import extension
+
+    if not extension.register():
+        return False
+    ui = _ui()
+    extension.set_options_provider(ui.current_options)
+    return True
+
+
+try:  # inside Forge
+    from modules import scripts as _forge_scripts  # type: ignore
+except Exception:  # pragma: no cover - outside Forge
+    _forge_scripts = None
+
+if _forge_scripts is not None and hasattr(_forge_scripts, "Script"):
+    try:
+        setup()
+    except Exception as e:  # never stop Forge from starting
+        log.error("forge-gguf-lora: could not register the GGUF backend: %s", e)
+
+    class GGUFLoraScript(_forge_scripts.Script):
+        """Always on, no UI of its own: writes the infotext after each batch."""
+
+        def title(self):
+            return "GGUF LoRA"
+
+        def show(self, is_img2img):
+            return _forge_scripts.AlwaysVisible
+
+        def postprocess_batch(self, p, *args, **kwargs):
+            try:
+                p.extra_generation_params.update(infotext_params())
+            except Exception as e:  # infotext is a record, never a failure
+                log.debug("GGUF LoRA infotext: %s", e)

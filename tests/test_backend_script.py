@@ -1,0 +1,73 @@
+"""scripts/gguf_backend.py: registration at Forge's script load, and the infotext."""
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import extension
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name, fake_forge=False, monkeypatch=None):
+    if fake_forge:
+        class Script:  # the two members Forge's Script base offers that we use
+            pass
+
+        mods = types.ModuleType("modules")
+        scripts = types.ModuleType("modules.scripts")
+        scripts.Script = Script
+        scripts.AlwaysVisible = object()
+        mods.scripts = scripts
+        monkeypatch.setitem(sys.modules, "modules", mods)
+        monkeypatch.setitem(sys.modules, "modules.scripts", scripts)
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / "gguf_backend.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_outside_forge_it_registers_nothing():
+    mod = _load("gguf_backend_plain")
+    assert not hasattr(mod, "GGUFLoraScript")
+    assert mod.setup() is False  # Forge's backend is not importable here
+    assert not extension.is_registered()
+
+
+def test_infotext_records_the_modes_of_the_last_refresh(monkeypatch):
+    mod = _load("gguf_backend_forge", fake_forge=True, monkeypatch=monkeypatch)
+    monkeypatch.setitem(extension._state, "modes", {})
+    p = types.SimpleNamespace(extra_generation_params={"Seed": 1})
+    script = mod.GGUFLoraScript()
+    assert script.show(False) is sys.modules["modules.scripts"].AlwaysVisible
+    script.postprocess_batch(p)
+    assert p.extra_generation_params == {"Seed": 1}  # no GGUF LoRA: nothing recorded
+
+    monkeypatch.setitem(extension._state, "modes", {"Q4_K": "runtime", "Q8_0": "merge+runtime"})
+    script.postprocess_batch(p, images=None, batch_number=0)
+    text = p.extra_generation_params["GGUF LoRA"]
+    assert text == "Q4_K:runtime,Q8_0:merge+runtime"
+    assert mod._ui().parse_lora_infotext(text) == {"Q4_K": "runtime", "Q8_0": "merge+runtime"}
+
+
+def test_runtime_factors_follow_the_layer_device():
+    """One cached copy of the factors, for the device and dtype the layer runs with now
+    (a layer Forge moves away must not keep a copy alive on the old device)."""
+    import torch
+
+    from lib_lora.apply import attach_runtime
+    from lib_lora.loader import Patch
+
+    lin = torch.nn.Linear(8, 6, bias=False)
+    g = torch.Generator().manual_seed(0)
+    patch = Patch("weight", "lora", {"up": torch.randn(6, 2, generator=g), "down": torch.randn(2, 8, generator=g)},
+                  None, None, None, "k")
+    hook = attach_runtime(lin, [(patch, 1.0)])
+    x = torch.randn(3, 8, generator=g)
+    ref = lin(x)
+    lin(x.double().float().half().float())
+    lin.half()
+    out16 = lin(x.half())
+    assert len(hook._cache) == 1 and next(iter(hook._cache)) == (x.device, torch.float16)
+    assert torch.allclose(out16.float(), ref, atol=2e-2)
+    hook.remove()
