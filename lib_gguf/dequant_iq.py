@@ -11,6 +11,39 @@ import torch
 
 from .formats import GGMLType, register_dequantizer
 
+
+# weights per chunk on the CPU: the per-chunk scratch (indices, looked-up rows) stays
+# in cache; on accelerators a few large kernels
+_CHUNK_CPU = 1 << 20
+_CHUNK_OTHER = 1 << 24
+
+
+def _in_chunks(block_size: int):
+    """Decorator for a kernel ``fn(blocks) -> (scale, values)`` whose output is
+    ``scale * values`` (float32 factors, broadcasting to (n, ..., block_size)). Runs
+    it over cache-sized chunks of blocks, and writes each product straight into the
+    output in its final dtype: the multiply runs in float32 and rounds once on store,
+    so float32 output is the exact product and float16 output is that, rounded."""
+    def deco(fn):
+        def kernel(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+            nb = blocks.shape[0]
+            out = torch.empty((nb, block_size), dtype=dtype, device=blocks.device)
+            per = _CHUNK_CPU if blocks.device.type == "cpu" else _CHUNK_OTHER
+            cs = max(1, per // block_size)
+            for s in range(0, nb, cs):
+                a, b = fn(blocks[s:s + cs].contiguous())
+                dst = out[s:s + cs]
+                shape = torch.broadcast_shapes(a.shape, b.shape)
+                if dtype in (torch.float32, torch.float16, torch.bfloat16):
+                    torch.mul(a, b, out=dst.view(shape))
+                else:
+                    dst.copy_((a * b).reshape(dst.shape))
+            return out
+        kernel.__name__, kernel.__doc__ = fn.__name__, fn.__doc__
+        return kernel
+    return deco
+
+
 # IQ4_NL / IQ4_XS: the 16 non-linear levels (a format constant of ggml).
 IQ4NL_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 # FP4 (E2M1) values, doubled so that they are integers; the block scales carry the 1/2.
@@ -38,15 +71,32 @@ def _nibbles(qs: torch.Tensor) -> torch.Tensor:
     return torch.cat([qs & 0x0F, qs >> 4], dim=-1).long()
 
 
+def _nibble_values(values, qs: torch.Tensor) -> torch.Tensor:
+    """(..., k) bytes -> (..., 2, k) float32 levels: the k low nibbles' values, then
+    the k high nibbles'. One row lookup a byte in a (256, 2) table of level pairs."""
+    key = ("pairs", values, str(qs.device))
+    t = _tables.get(key)
+    if t is None:
+        v = torch.tensor(values, dtype=torch.float32)
+        b = torch.arange(256)
+        t = torch.stack([v[b & 15], v[b >> 4]], dim=1).to(qs.device)
+        _tables[key] = t
+    pairs = t.index_select(0, qs.reshape(-1).to(torch.int64)).reshape(*qs.shape, 2)
+    return pairs.transpose(-1, -2)
+
+
 @register_dequantizer(GGMLType.IQ4_NL)
-def _iq4_nl(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+@_in_chunks(32)
+def _iq4_nl(blocks: torch.Tensor):
+    n = blocks.shape[0]
     d = _f16(blocks[:, :2])
-    vals = _table(IQ4NL_LEVELS, blocks.device)[_nibbles(blocks[:, 2:])]
-    return (d * vals).to(dtype)
+    vals = _nibble_values(IQ4NL_LEVELS, blocks[:, 2:])  # (n, 2, 16)
+    return d[:, :, None], vals
 
 
 @register_dequantizer(GGMLType.IQ4_XS)
-def _iq4_xs(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+@_in_chunks(256)
+def _iq4_xs(blocks: torch.Tensor):
     n = blocks.shape[0]
     d = _f16(blocks[:, :2])
     scales_h = blocks[:, 2:4].contiguous().view(torch.int16).to(torch.int32) & 0xFFFF  # (n, 1)
@@ -57,12 +107,13 @@ def _iq4_xs(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     ls = (lo | (hi << 4)) - 32
     dl = d * ls.to(torch.float32)  # (n, 8)
     qs = blocks[:, 8:].reshape(n, 8, 16)
-    vals = _table(IQ4NL_LEVELS, blocks.device)[_nibbles(qs)]  # (n, 8, 32)
-    return (dl[:, :, None] * vals).reshape(n, 256).to(dtype)
+    vals = _nibble_values(IQ4NL_LEVELS, qs)  # (n, 8, 2, 16)
+    return dl[:, :, None, None], vals
 
 
 @register_dequantizer(GGMLType.TQ1_0)
-def _tq1_0(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+@_in_chunks(256)
+def _tq1_0(blocks: torch.Tensor):
     n = blocks.shape[0]
     dev = blocks.device
     qs, qh, d = blocks[:, :48], blocks[:, 48:52], _f16(blocks[:, 52:54])
@@ -74,17 +125,18 @@ def _tq1_0(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     q2 = (qh.to(torch.int32)[:, None, :] * p4[None, :, None]) & 0xFF  # (n, 4, 4)
     q = torch.cat([q0.reshape(n, -1), q1.reshape(n, -1), q2.reshape(n, -1)], dim=1)
     t = ((q * 3) >> 8) - 1
-    return (d * t.to(torch.float32)).to(dtype)
+    return d, t.to(torch.float32)
 
 
 @register_dequantizer(GGMLType.TQ2_0)
-def _tq2_0(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+@_in_chunks(256)
+def _tq2_0(blocks: torch.Tensor):
     n = blocks.shape[0]
     qs, d = blocks[:, :64], _f16(blocks[:, 64:66])
     shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=blocks.device)
     q = (qs.reshape(n, 2, 1, 32) >> shifts.reshape(1, 1, 4, 1)) & 0x03
     t = q.reshape(n, 256).to(torch.int32) - 1
-    return (d * t.to(torch.float32)).to(dtype)
+    return d, t.to(torch.float32)
 
 
 def _e8m0_half(e: torch.Tensor) -> torch.Tensor:
@@ -95,10 +147,12 @@ def _e8m0_half(e: torch.Tensor) -> torch.Tensor:
 
 
 @register_dequantizer(GGMLType.MXFP4)
-def _mxfp4(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+@_in_chunks(32)
+def _mxfp4(blocks: torch.Tensor):
+    n = blocks.shape[0]
     d = _e8m0_half(blocks[:, :1])
-    vals = _table(E2M1_DOUBLED, blocks.device)[_nibbles(blocks[:, 1:])]
-    return (d * vals).to(dtype)
+    vals = _nibble_values(E2M1_DOUBLED, blocks[:, 1:])  # (n, 2, 16)
+    return d[:, :, None], vals
 
 
 def _ue4m3_half(x: torch.Tensor) -> torch.Tensor:
@@ -112,12 +166,13 @@ def _ue4m3_half(x: torch.Tensor) -> torch.Tensor:
 
 
 @register_dequantizer(GGMLType.NVFP4)
-def _nvfp4(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+@_in_chunks(64)
+def _nvfp4(blocks: torch.Tensor):
     n = blocks.shape[0]
     d = _ue4m3_half(blocks[:, :4]).reshape(n, 4, 1)
     qs = blocks[:, 4:].reshape(n, 4, 8)
-    vals = _table(E2M1_DOUBLED, blocks.device)[_nibbles(qs)]  # (n, 4, 16)
-    return (d * vals).reshape(n, 64).to(dtype)
+    vals = _nibble_values(E2M1_DOUBLED, qs)  # (n, 4, 2, 8)
+    return d[..., None], vals
 
 
 # -- lattice formats: IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M ----------------
@@ -133,40 +188,61 @@ def _u16(b: torch.Tensor) -> torch.Tensor:
     return b[:, 0::2] | (b[:, 1::2] << 8)
 
 
-def _bit_signs(signs: torch.Tensor) -> torch.Tensor:
-    """(n, k) sign bytes -> (n, k, 8) of +1 / -1 (bit j set: value j negative)."""
-    bits = (signs.to(torch.int32)[..., None] >> torch.arange(8, device=signs.device, dtype=torch.int32)) & 1
-    return 1.0 - 2.0 * bits.to(torch.float32)
+def _rows(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``table[idx]`` for a 2-D table, as one ``index_select`` of whole rows (several
+    times faster than advanced indexing on the CPU): shape (*idx.shape, width)."""
+    return table.index_select(0, idx.reshape(-1)).reshape(*idx.shape, table.shape[1])
+
+
+def _sign_bytes(device) -> torch.Tensor:
+    """(256, 8) float32: bit j of the byte set -> value j is -1."""
+    key = ("signs256", str(device))
+    t = _tables.get(key)
+    if t is None:
+        bits = (torch.arange(256)[:, None] >> torch.arange(8)[None, :]) & 1
+        t = (1.0 - 2.0 * bits.to(torch.float32)).to(device)
+        _tables[key] = t
+    return t
+
+
+def _signed_grid(name: str, device) -> torch.Tensor:
+    """(entries * 128, 8) float32: every grid point times every 7-bit sign pattern
+    (row ``g * 128 + s``), so one row lookup gives eight signed values. Exact: a
+    sign is +-1."""
+    from .grids import grid, ksigns
+
+    key = ("signed", name, str(device))
+    t = _tables.get(key)
+    if t is None:
+        t = (grid(name, device)[:, None, :] * ksigns(device)[None, :, :]).reshape(-1, 8).contiguous()
+        _tables[key] = t
+    return t
 
 
 @register_dequantizer(GGMLType.IQ2_XXS)
-def _iq2_xxs(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    from .grids import grid, ksigns
-
+@_in_chunks(256)
+def _iq2_xxs(blocks: torch.Tensor):
     n, dev = blocks.shape[0], blocks.device
     d = _f16(blocks[:, :2])
     q = _u32(blocks[:, 2:]).reshape(n, 8, 2)
     aux0, aux1 = q[..., 0], q[..., 1]
     db = d * (0.5 + (aux1 >> 28).to(torch.float32)) * 0.25  # (n, 8)
     sidx = (aux1[..., None] >> torch.tensor([0, 7, 14, 21], device=dev)) & 0x7F  # (n, 8, 4)
-    signs = ksigns(dev)[sidx]  # (n, 8, 4, 8)
     gidx = (aux0[..., None] >> torch.tensor([0, 8, 16, 24], device=dev)) & 0xFF
-    g = grid("IQ2_XXS", dev)[gidx]  # (n, 8, 4, 8)
-    return (db[:, :, None, None] * g * signs).reshape(n, 256).to(dtype)
+    gs = _rows(_signed_grid("IQ2_XXS", dev), (gidx << 7) | sidx)  # (n, 8, 4, 8)
+    return db[:, :, None, None], gs
 
 
 @register_dequantizer(GGMLType.IQ2_XS)
-def _iq2_xs(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    from .grids import grid, ksigns
-
-    n, dev = blocks.shape[0], blocks.device
+@_in_chunks(256)
+def _iq2_xs(blocks: torch.Tensor):
+    n = blocks.shape[0]
     d = _f16(blocks[:, :2])
     qs = _u16(blocks[:, 2:66]).reshape(n, 8, 4)
     sc = _nibbles_interleaved(blocks[:, 66:74])  # (n, 16)
     db = (d * (0.5 + sc.to(torch.float32)) * 0.25).reshape(n, 8, 2, 1, 1)
-    signs = ksigns(dev)[qs >> 9].reshape(n, 8, 2, 2, 8)
-    g = grid("IQ2_XS", dev)[qs & 511].reshape(n, 8, 2, 2, 8)
-    return (db * g * signs).reshape(n, 256).to(dtype)
+    gs = _rows(_signed_grid("IQ2_XS", blocks.device), ((qs & 511) << 7) | (qs >> 9)).reshape(n, 8, 2, 2, 8)
+    return db, gs
 
 
 def _nibbles_interleaved(b: torch.Tensor) -> torch.Tensor:
@@ -175,7 +251,8 @@ def _nibbles_interleaved(b: torch.Tensor) -> torch.Tensor:
 
 
 @register_dequantizer(GGMLType.IQ2_S)
-def _iq2_s(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+@_in_chunks(256)
+def _iq2_s(blocks: torch.Tensor):
     from .grids import grid
 
     n, dev = blocks.shape[0], blocks.device
@@ -183,15 +260,16 @@ def _iq2_s(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     qs, signs, qh, scales = blocks[:, 2:34], blocks[:, 34:66], blocks[:, 66:74], blocks[:, 74:82]
     sc = _nibbles_interleaved(scales)
     db = (d * (0.5 + sc.to(torch.float32)) * 0.25).reshape(n, 8, 2, 1, 1)
-    s = _bit_signs(signs).reshape(n, 8, 2, 2, 8)
+    s = _rows(_sign_bytes(dev), signs.to(torch.int64)).reshape(n, 8, 2, 2, 8)
     hi = (qh.to(torch.int64)[..., None] >> torch.tensor([0, 2, 4, 6], device=dev)) & 0x03  # (n, 8, 4)
     idx = qs.to(torch.int64) | (hi.reshape(n, 32) << 8)
-    g = grid("IQ2_S", dev)[idx].reshape(n, 8, 2, 2, 8)
-    return (db * g * s).reshape(n, 256).to(dtype)
+    g = _rows(grid("IQ2_S", dev), idx).reshape(n, 8, 2, 2, 8)
+    return db, g * s
 
 
 @register_dequantizer(GGMLType.IQ3_XXS)
-def _iq3_xxs(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+@_in_chunks(256)
+def _iq3_xxs(blocks: torch.Tensor):
     from .grids import grid, ksigns
 
     n, dev = blocks.shape[0], blocks.device
@@ -200,13 +278,14 @@ def _iq3_xxs(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     sc = _u32(blocks[:, 66:98])  # (n, 8)
     db = d * (0.5 + (sc >> 28).to(torch.float32)) * 0.5
     sidx = (sc[..., None] >> torch.tensor([0, 7, 14, 21], device=dev)) & 0x7F
-    signs = ksigns(dev)[sidx]  # (n, 8, 4, 8)
-    g = grid("IQ3_XXS", dev)[qs].reshape(n, 8, 4, 8)
-    return (db[:, :, None, None] * g * signs).reshape(n, 256).to(dtype)
+    signs = _rows(ksigns(dev), sidx)  # (n, 8, 4, 8)
+    g = _rows(grid("IQ3_XXS", dev), qs).reshape(n, 8, 4, 8)
+    return db[:, :, None, None], g * signs
 
 
 @register_dequantizer(GGMLType.IQ3_S)
-def _iq3_s(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+@_in_chunks(256)
+def _iq3_s(blocks: torch.Tensor):
     from .grids import grid
 
     n, dev = blocks.shape[0], blocks.device
@@ -214,18 +293,19 @@ def _iq3_s(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     qs, qh, signs, scales = blocks[:, 2:66], blocks[:, 66:74], blocks[:, 74:106], blocks[:, 106:110]
     sc = _nibbles_interleaved(scales)  # (n, 8)
     db = (d * (1 + 2 * sc).to(torch.float32)).reshape(n, 8, 1, 1)
-    s = _bit_signs(signs).reshape(n, 8, 4, 8)
+    s = _rows(_sign_bytes(dev), signs.to(torch.int64)).reshape(n, 8, 4, 8)
     hi = (qh.to(torch.int64)[..., None] >> torch.arange(8, device=dev)) & 1  # (n, 8, 8)
     idx = qs.to(torch.int64) | (hi.reshape(n, 64) << 8)
-    g = grid("IQ3_S", dev)[idx].reshape(n, 8, 4, 8)
-    return (db * g * s).reshape(n, 256).to(dtype)
+    g = _rows(grid("IQ3_S", dev), idx).reshape(n, 8, 4, 8)
+    return db, g * s
 
 
 IQ1_DELTA = 0.125
 
 
 @register_dequantizer(GGMLType.IQ1_S)
-def _iq1_s(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+@_in_chunks(256)
+def _iq1_s(blocks: torch.Tensor):
     from .grids import grid
 
     n, dev = blocks.shape[0], blocks.device
@@ -235,12 +315,13 @@ def _iq1_s(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     delta = torch.where((qh & 0x8000) == 0, IQ1_DELTA, -IQ1_DELTA).to(torch.float32).reshape(n, 8, 1, 1)
     hi = (qh[..., None] >> torch.tensor([0, 3, 6, 9], device=dev)) & 7  # (n, 8, 4)
     idx = qs | (hi.reshape(n, 32) << 8)
-    g = grid("IQ1_S", dev)[idx].reshape(n, 8, 4, 8)
-    return (dl * (g + delta)).reshape(n, 256).to(dtype)
+    g = _rows(grid("IQ1_S", dev), idx).reshape(n, 8, 4, 8)
+    return dl, g + delta
 
 
 @register_dequantizer(GGMLType.IQ1_M)
-def _iq1_m(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+@_in_chunks(256)
+def _iq1_m(blocks: torch.Tensor):
     """IQ1_M, with ggml's meaning of the delta sign bits (bit 3 of each qh nibble
     set: minus). gguf-py up to at least 0.19 reads ``qh & 0x08 == 0`` as
     ``qh & (0x08 == 0)`` and always uses minus; where that bit is set the two agree."""
@@ -256,5 +337,5 @@ def _iq1_m(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     nib = torch.stack([qh & 0x0F, qh >> 4], dim=-1).reshape(n, 32)  # (n, 32)
     idx = qs | ((nib & 7) << 8)
     delta = torch.where((nib & 8) == 0, IQ1_DELTA, -IQ1_DELTA).to(torch.float32).reshape(n, 8, 2, 2, 1)
-    g = grid("IQ1_S", dev)[idx].reshape(n, 8, 2, 2, 8)
-    return (dl * (g + delta)).reshape(n, 256).to(dtype)
+    g = _rows(grid("IQ1_S", dev), idx).reshape(n, 8, 2, 2, 8)
+    return dl, g + delta
