@@ -261,16 +261,21 @@ def _make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: f
     diff = diff.abs() if use_mad else diff * diff
     best_mad = _seq_sum(wt[i] * diff[i] for i in range(k))
     f32 = lambda v: torch.tensor(v, dtype=torch.float32)
+    prod = torch.empty((3,) + tuple(xt.shape), device=xt.device)
     for step in range(nstep + 1):
         num = f32(rmin) + f32(rdelta) * f32(float(step)) + f32(float(nmax))
         # ggml updates ``min`` in place when a step wins, and later steps use it
         rng = torch.where(flat, one, mx - mn)
         iscale = num / rng
         l = nearest_int(iscale * (xt - mn)).clamp_(0, nmax)
-        wl = wt * l
-        sum_l = _seq_sum(wl[i] for i in range(k))
-        sum_l2 = _seq_sum(wl[i] * l[i] for i in range(k))
-        sum_xl = _seq_sum(wl[i] * xt[i] for i in range(k))
+        # the three element-order sums side by side: k steps over a (3, n) slab
+        prod[0] = wt * l
+        torch.mul(prod[0], l, out=prod[1])
+        torch.mul(prod[0], xt, out=prod[2])
+        acc = prod[:, 0].clone()
+        for i in range(1, k):
+            acc += prod[:, i]
+        sum_l, sum_l2, sum_xl = acc[0], acc[1], acc[2]
         D = sum_w * sum_l2 - sum_l * sum_l
         ok = D > 0
         Ds = torch.where(ok, D, one)
@@ -281,7 +286,10 @@ def _make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: f
         this_scale = torch.where(pos, sum_xl / torch.where(sum_l2 != 0, sum_l2, one), this_scale)
         d2 = this_scale * l + this_min - xt
         d2 = d2.abs() if use_mad else d2 * d2
-        mad = _seq_sum(wt[i] * d2[i] for i in range(k))
+        wd = wt * d2
+        mad = wd[0].clone()
+        for i in range(1, k):
+            mad += wd[i]
         better = ok & (mad < best_mad)
         L = torch.where(better, l, L)
         best_mad = torch.where(better, mad, best_mad)

@@ -11,7 +11,7 @@ import torch
 
 from .dequant_iq import IQ4NL_LEVELS
 from .formats import GGMLType, register_quantizer
-from .quant import _f16_bytes, nearest_int
+from .quant import _f16_bytes, chunked, nearest_int
 
 _NTRY = 7
 _levels_cache: dict = {}
@@ -26,16 +26,31 @@ def _levels(device) -> torch.Tensor:
     return t
 
 
+_mu_cache: dict = {}
+
+
 def best_index(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """ggml's best_index_int8 over the sorted levels ``v``: the nearest level, the
-    lower one on a tie (int64 indices)."""
+    """ggml's best_index_int8 over the sorted integer levels ``v``: the nearest level,
+    the lower one on a tie (int64 indices), with its float32 differences.
+
+    The bracketing pair is looked up from floor(x) (the levels are integers, so the
+    levels <= x are the levels <= floor(x)) instead of a binary search."""
     n = v.numel()
-    mu = torch.searchsorted(v, x.contiguous(), right=True).clamp(1, n - 1)
-    lo = v[mu - 1]
-    hi = v[mu]
-    idx = torch.where((x - lo) < (hi - x), mu - 1, mu)
-    idx = torch.where(x <= v[0], torch.zeros_like(idx), idx)
-    return torch.where(x >= v[-1], torch.full_like(idx, n - 1), idx)
+    key = (str(v.device), n, float(v[0]), float(v[-1]))
+    mu_t = _mu_cache.get(key)
+    if mu_t is None:
+        k = torch.arange(-129, 129, dtype=torch.float32, device=v.device)
+        mu_t = torch.searchsorted(v, k, right=True).clamp(1, n - 1)
+        _mu_cache[key] = mu_t
+    flat = x.reshape(-1)
+    fk = torch.floor(flat).clamp_(-129, 128).to(torch.int64) + 129
+    mu = mu_t.index_select(0, fk)
+    lo = v.index_select(0, mu - 1)
+    hi = v.index_select(0, mu)
+    idx = torch.where((flat - lo) < (hi - flat), mu - 1, mu)
+    idx = torch.where(flat <= v[0], torch.zeros_like(idx), idx)
+    idx = torch.where(flat >= v[-1], torch.full_like(idx, n - 1), idx)
+    return idx.reshape(x.shape)
 
 
 def _seq(terms):
@@ -46,7 +61,11 @@ def _seq(terms):
 
 
 def _sub_block_scales(xt: torch.Tensor) -> torch.Tensor:
-    """The scale of each 32-weight sub-block, columns of ``xt`` (32, m): ggml's search."""
+    """The scale of each 32-weight sub-block, columns of ``xt`` (32, m): ggml's search.
+
+    The first guess and the 15 tries around it are independent until the choice, so
+    they run as one batch: each element-order sum is 32 steps over a (tries, 2, m)
+    slab."""
     v = _levels(xt.device)
     w = xt * xt
     ax = xt.abs()
@@ -55,21 +74,22 @@ def _sub_block_scales(xt: torch.Tensor) -> torch.Tensor:
     mx = xt.gather(0, idx).squeeze(0)
     zero = amax < 1e-15
     mx_safe = torch.where(zero, torch.ones_like(mx), mx)
-
-    def sums(iscale):
-        q = v[best_index(v, iscale * xt)]
-        wq = w * q
-        sumqx = _seq(wq[j] * xt[j] for j in range(32))
-        sumq2 = _seq(wq[j] * q[j] for j in range(32))
-        return sumqx, sumq2
-
-    d = -mx_safe / v[0]
-    sumqx, sumq2 = sums(1.0 / d)
-    d = sumqx / sumq2
-    best = d * sumqx
-    for itry in range(-_NTRY, _NTRY + 1):
-        iscale = (float(itry) + v[0]) / mx_safe
-        sqx, sq2 = sums(iscale)
+    d0 = -mx_safe / v[0]
+    iscales = torch.stack([1.0 / d0] + [(float(t) + v[0]) / mx_safe for t in range(-_NTRY, _NTRY + 1)])  # (T, m)
+    y = iscales[:, None, :] * xt[None]                                     # (T, 32, m)
+    q = v.index_select(0, best_index(v, y).reshape(-1)).reshape(y.shape)
+    prod = torch.empty((y.shape[0], 2) + tuple(xt.shape), device=xt.device)
+    torch.mul(w, q, out=prod[:, 1])
+    torch.mul(prod[:, 1], xt, out=prod[:, 0])   # (w*q)*x
+    prod[:, 1] *= q                             # (w*q)*q
+    acc = prod[:, :, 0].clone()
+    for j in range(1, xt.shape[0]):
+        acc += prod[:, :, j]
+    sumqx, sumq2 = acc[:, 0], acc[:, 1]
+    d = sumqx[0] / sumq2[0]
+    best = d * sumqx[0]
+    for t in range(1, y.shape[0]):
+        sqx, sq2 = sumqx[t], sumq2[t]
         better = (sq2 > 0) & (sqx * sqx > best * sq2)
         nd = sqx / torch.where(sq2 > 0, sq2, torch.ones_like(sq2))
         d = torch.where(better, nd, d)
@@ -84,6 +104,7 @@ def _pack(L: torch.Tensor) -> torch.Tensor:
 
 
 @register_quantizer(GGMLType.IQ4_NL)
+@chunked(8192)
 def _iq4_nl(x: torch.Tensor) -> torch.Tensor:
     v = _levels(x.device)
     scale = _sub_block_scales(x.t().contiguous())  # (n,)
@@ -94,6 +115,7 @@ def _iq4_nl(x: torch.Tensor) -> torch.Tensor:
 
 
 @register_quantizer(GGMLType.IQ4_XS)
+@chunked(1024)
 def _iq4_xs(x: torch.Tensor) -> torch.Tensor:
     v = _levels(x.device)
     n = x.shape[0]
