@@ -1,12 +1,18 @@
 """Quantizer speed and error, CPU.
 
-    python bench/quantize.py [--rows 3072] [--cols 3072] [--threads 2]
+    python bench/quantize.py [--rows 3072] [--cols 3072] [--threads 2] [--model-rows 64]
 
-Per format: Mweights/s of lib_gguf's torch quantizer on a rows x cols weight,
-beside gguf-py's numpy quantizer where it has the format (in the same run), and
-the rmse on ggml's oracle inputs of ours beside ggml's own bytes (equal where the
-bytes are equal). ggml's C quantizer is not timed here: ggml-python was not
-installed in this environment.
+Per format: Mweights/s of lib_gguf's torch quantizer on a rows x cols weight
+(``--threads`` torch threads), beside ggml's C quantizer (single thread, through
+``ggml-python`` when installed) and gguf-py's numpy quantizer where it has the
+format, all in the same run; ours and ggml's are timed in alternation and the
+ratio is the median of the pairs (this machine is shared and noisy). Also the
+rmse on ggml's oracle inputs of ours beside ggml's own bytes (equal where the
+bytes are equal), and whether our bytes equal ggml's on the timed weight.
+
+Then a whole-model figure: every tensor name and shape of Flux-dev (12B), planned
+with the Q4_K_S recipe; ``--model-rows`` rows of each distinct (format, width) are
+quantized for a rate, and the time for the whole model is extrapolated from it.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import lib_gguf  # noqa: E402
+from lib_gguf import ggml_ref  # noqa: E402
 from lib_gguf.formats import FORMATS  # noqa: E402
 
 ORACLE = Path(os.environ.get("GGML_ORACLE", Path(__file__).resolve().parents[2] / "shared/oracle/ggml_quants.npz"))
@@ -42,31 +49,48 @@ def main():
     ap.add_argument("--rows", type=int, default=3072)
     ap.add_argument("--cols", type=int, default=3072)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--pairs", type=int, default=3, help="alternating ours/ggml timings per format")
+    ap.add_argument("--model-rows", type=int, default=64)
+    ap.add_argument("--formats", default="", help="comma-separated subset")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    print(f"command: python bench/quantize.py --rows {a.rows} --cols {a.cols} --threads {a.threads}")
-    print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
+    print(f"command: python bench/quantize.py --rows {a.rows} --cols {a.cols} --threads {a.threads} "
+          f"--pairs {a.pairs} --model-rows {a.model_rows}" + (f" --formats {a.formats}" if a.formats else ""))
+    print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {ggml_ref.version()}")
     import gguf
+
+    wanted = {f.strip().upper() for f in a.formats.split(",") if f.strip()}
 
     x = torch.randn(a.rows, a.cols, generator=torch.Generator().manual_seed(0))
     xn = x.numpy()
     oracle = dict(np.load(ORACLE)) if ORACLE.exists() else {}
     kinds = sorted({k.split(".")[0] for k in oracle if k.endswith(".x")})
-    print("\n| format | ours Mw/s | gguf-py numpy Mw/s | ours / numpy | rmse ours | rmse ggml | bytes = ggml |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| format | ours Mw/s | ggml C Mw/s | ours / ggml | = ggml bytes | gguf-py numpy Mw/s | rmse ours | "
+          "rmse ggml (oracle) | = oracle |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for fmt in FORMATS.values():
-        if not fmt.is_quantized or not fmt.can_quantize:
+        if not fmt.is_quantized or not fmt.can_quantize or (wanted and fmt.name not in wanted):
             continue
-        t = timed(lambda: lib_gguf.quantize(x, fmt))
-        ours = x.numel() / t / 1e6
+        lib_gguf.quantize(x[:2], fmt)  # tables built, kernels loaded
+        ours_t, ggml_t, ratios = [], [], []
+        for _ in range(a.pairs):
+            ours_t.append(timed(lambda: lib_gguf.quantize(x, fmt), 1))
+            if ggml_ref.available():
+                ggml_ref.quantize(xn[:2], fmt.name)  # ggml's own one-time init outside the timing
+                ggml_t.append(timed(lambda: ggml_ref.quantize(xn, fmt.name), 1))
+                ratios.append(ggml_t[-1] / ours_t[-1])
+        ours = x.numel() / min(ours_t) / 1e6
+        g_rate = f"{x.numel() / min(ggml_t) / 1e6:.1f}" if ggml_t else "-"
+        g_ratio = f"{float(np.median(ratios)):.2f}x" if ratios else "-"
+        g_same = "-"
+        if ggml_ref.available():
+            g_same = "yes" if np.array_equal(lib_gguf.quantize(x, fmt).numpy(), ggml_ref.quantize(xn, fmt.name)) else "NO"
         numpy_rate = "-"
-        ratio = "-"
         qt = getattr(gguf.GGMLQuantizationType, fmt.name, None)
         if qt is not None:
             try:
                 tn = timed(lambda: gguf.quants.quantize(xn, qt), 1)
                 numpy_rate = f"{x.numel() / tn / 1e6:.1f}"
-                ratio = f"{ours / (x.numel() / tn / 1e6):.2f}x"
             except Exception:  # gguf-py has no quantizer for most formats
                 pass
         r_ours, r_ggml, same = [], [], 0
@@ -84,7 +108,40 @@ def main():
             same += int(np.array_equal(q.numpy().reshape(-1), oracle[key].reshape(-1)))
         ro = f"{np.mean(r_ours):.4f}" if r_ours else "-"
         rg = f"{np.mean(r_ggml):.4f}" if r_ggml else "-"
-        print(f"| {fmt.name} | {ours:.1f} | {numpy_rate} | {ratio} | {ro} | {rg} | {same}/{len(r_ours)} inputs |")
+        print(f"| {fmt.name} | {ours:.1f} | {g_rate} | {g_ratio} | {g_same} | {numpy_rate} | {ro} | {rg} | "
+              f"{same}/{len(r_ours)} |")
+    whole_model(a.model_rows)
+
+
+def whole_model(rows: int, recipe: str = "Q4_K_S"):
+    """Flux-dev's names and shapes, planned with ``recipe``; each distinct (format,
+    width) timed on ``rows`` random rows, the whole model extrapolated."""
+    from lib_gguf.recipes import plan_model
+    from lib_gguf.sample import FluxConfig, flux_shapes
+
+    cfg = FluxConfig(hidden_size=3072, num_heads=24, depth=19, depth_single_blocks=38)
+    shapes = flux_shapes(cfg)
+    plans = plan_model({k: (v, torch.bfloat16) for k, v in shapes.items()}, recipe)
+    total_w = sum(int(np.prod(p.shape)) for p in plans)
+    rates = {}
+    g = torch.Generator().manual_seed(1)
+    seconds = 0.0
+    by_fmt = {}
+    for p in plans:
+        n = int(np.prod(p.shape))
+        width = p.shape[-1]
+        key = (p.format.name, width)
+        if key not in rates:
+            sample = torch.randn(rows, width, generator=g)
+            lib_gguf.quantize(sample[:1], p.format)
+            t = timed(lambda: lib_gguf.quantize(sample, p.format), 2)
+            rates[key] = sample.numel() / t
+        seconds += n / rates[key]
+        by_fmt[p.format.name] = by_fmt.get(p.format.name, 0) + n
+    mix = ", ".join(f"{k} {v / total_w:.1%}" for k, v in sorted(by_fmt.items(), key=lambda kv: -kv[1]))
+    print(f"\nwhole model: Flux-dev names and shapes ({total_w / 1e9:.2f}B weights), recipe {recipe} ({mix}):")
+    print(f"  {seconds / 60:.1f} min to quantize on this machine, extrapolated from {rows}-row samples of "
+          f"{len(rates)} (format, width) pairs; {total_w / seconds / 1e6:.1f} Mweights/s overall")
 
 
 if __name__ == "__main__":
