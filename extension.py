@@ -110,15 +110,18 @@ def last_modes() -> Dict[str, str]:
     return dict(_state.get("modes", {}))
 
 
-def _decide(model, key: str, plist, online: bool, opts, modes: Dict[str, set]) -> bool:
+def _decide(loader, key: str, plist, online: bool, opts, modes: Dict[str, set]) -> bool:
     """Whether this weight's patches go to run time (True) or are merged (False),
     by the user's choice for the weight's format; float weights keep Forge's choice."""
     from backend import utils as butils
 
-    try:
-        weight = butils.get_attr(model, key)
-    except AttributeError:
-        return online  # Forge reports the bad key itself
+    # the weight as loaded: Forge restores its backup before merging again
+    weight = getattr(loader, "backup", {}).get(key)
+    if weight is None:
+        try:
+            weight = butils.get_attr(loader.model, key)
+        except AttributeError:
+            return online  # Forge reports the bad key itself
     fmt = getattr(weight, "gguf_cls", None)
     if fmt is None or not hasattr(fmt, "can_quantize"):
         return online
@@ -129,7 +132,21 @@ def _decide(model, key: str, plist, online: bool, opts, modes: Dict[str, set]) -
         want = choice
     ours, theirs = forge_patches_to_lib_lora(key, plist)
     if want == "merge" and not fmt.can_quantize:
-        want = "runtime"  # no quantizer to write a merge back with
+        # no quantizer for this format: merge only when asked for explicitly, into the
+        # requantize target the user picked (the weight then carries that format)
+        target = opts.target_for(fmt)
+        try:
+            from lib_gguf import get_format
+
+            tfmt = get_format(target)
+            ok = choice == "merge" and tfmt.can_quantize and tfmt.fits(int(weight.shape[-1]))
+        except Exception:
+            ok = False
+        if ok:
+            weight.requantize_to = tfmt.name
+            want = "merge"
+        else:
+            want = "runtime"
     elif want == "merge" and choice == "auto" and ours and not theirs:
         from lib_lora.apply import merge_keep
 
@@ -146,7 +163,7 @@ def _decide(model, key: str, plist, online: bool, opts, modes: Dict[str, set]) -
     return want == "runtime"
 
 
-def route_patches(model, lora_patches, opts) -> Tuple[dict, Dict[str, str]]:
+def route_patches(loader, lora_patches, opts) -> Tuple[dict, Dict[str, str]]:
     """Forge's ``lora_patches`` (``{(file, strength, strength_model, online): {key:
     patches}}``) with each GGUF weight's patches moved to the online (run-time) or
     offline (merged) group the policy picks. Returns (routed, modes by format)."""
@@ -155,7 +172,7 @@ def route_patches(model, lora_patches, opts) -> Tuple[dict, Dict[str, str]]:
     for gk, patches in lora_patches.items():
         head, online = tuple(gk[:-1]), bool(gk[-1])
         for key, plist in patches.items():
-            target = _decide(model, key, plist, online, opts, modes)
+            target = _decide(loader, key, plist, online, opts, modes)
             routed.setdefault(head + (target,), {})[key] = plist
     return routed, {k: "+".join(sorted(v)) for k, v in modes.items()}
 
@@ -163,7 +180,7 @@ def route_patches(model, lora_patches, opts) -> Tuple[dict, Dict[str, str]]:
 def _wrap_refresh(original):
     def refresh(self, lora_patches, *args, **kwargs):
         opts = _options()
-        routed, modes = route_patches(self.model, lora_patches, opts)
+        routed, modes = route_patches(self, lora_patches, opts)
         sig = repr(opts.to_dict())
         if sig != getattr(self, "_gguf_options_sig", None):
             kwargs["force_refresh"] = True  # options changed since the last refresh

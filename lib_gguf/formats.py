@@ -291,13 +291,26 @@ class GGMLFormat:
 
     def quantize_pytorch(self, data: torch.Tensor, parent):
         """Quantize ``data`` (the merged float weight) into ``parent``'s format and
-        store the bytes in ``parent.data``; returns ``parent``."""
+        store the bytes in ``parent.data``; returns ``parent``.
+
+        For a format we cannot quantize, ``parent.requantize_to`` (a format name, set
+        by whoever chose to merge) names the format to write instead; ``parent``
+        then carries that format."""
+        target = self
         if not self.can_quantize:
-            raise UnsupportedFormatError(
-                f"no quantizer for {self.name}: merge into a format we can quantize, or apply the LoRA at run time"
-            )
-        q = self.quantize(data.to(torch.float32))
+            want = getattr(parent, "requantize_to", None)
+            if want is None:
+                raise UnsupportedFormatError(
+                    f"no quantizer for {self.name}: merge into a format we can quantize, or apply the LoRA at run time"
+                )
+            target = get_format(want)
+            if not target.can_quantize or not target.fits(int(data.shape[-1])):
+                raise UnsupportedFormatError(
+                    f"cannot requantize {self.name} into {target.name} (rows of {int(data.shape[-1])} weights)")
+        q = target.quantize(data.to(torch.float32))
         parent.data = q.to(parent.data.device)
+        if target is not self:
+            parent.gguf_cls = target
         return parent
 
 

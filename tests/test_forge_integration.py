@@ -16,7 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 FORGE_DIR = os.environ.get("FORGE_DIR")
 FORMATS = ["F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "IQ3_S",
-           "Q2_K", "Q3_K"]
+           "Q2_K", "Q3_K", "IQ3_XXS", "IQ2_S", "IQ1_M", "TQ1_0", "TQ2_0",
+           "IQ2_XXS"]  # IQ2_XXS: no quantizer without an importance matrix; random valid bytes
 
 pytestmark = [pytest.mark.forge,
               pytest.mark.skipif(not FORGE_DIR, reason="set FORGE_DIR to a Forge checkout to run against Forge")]
@@ -25,7 +26,7 @@ pytestmark = [pytest.mark.forge,
 def _run(tmp_path, which_gguf):
     import lib_gguf
 
-    formats = [f for f in FORMATS if lib_gguf.get_format(f).can_quantize]
+    formats = [f for f in FORMATS if lib_gguf.get_format(f).can_quantize or lib_gguf.get_format(f).needs_imatrix]
     if which_gguf == "newest" and not os.environ.get("FORGE_GGUF_NEWEST"):
         pytest.skip("set FORGE_GGUF_NEWEST to a folder holding the newest PyPI gguf (pip install --target DIR gguf)")
     env = dict(os.environ, FORGE_GGUF=which_gguf)
@@ -36,6 +37,9 @@ def _run(tmp_path, which_gguf):
         pytest.skip(f"Forge's backend does not import in {py}: {r.stderr.strip().splitlines()[-1]}")
     lines = [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
     assert lines, r.stderr[-3000:]
+    art = ROOT / "artifacts"
+    art.mkdir(exist_ok=True)
+    (art / f"forge_check_{which_gguf}.jsonl").write_text("\n".join(json.dumps(l) for l in lines) + "\n")
     return formats, lines
 
 
@@ -43,6 +47,8 @@ def _run(tmp_path, which_gguf):
 # bundled: no PyPI gguf in the way, Forge's own copy; newest: the newest PyPI gguf wins.
 @pytest.mark.parametrize("which_gguf", ["first-found", "bundled", "newest"])
 def test_every_format_loads_runs_and_takes_loras_in_forge(tmp_path, which_gguf):
+    import lib_gguf
+
     formats, lines = _run(tmp_path, which_gguf)
     by_fmt = {l["format"]: l for l in lines if "format" in l}
     assert set(by_fmt) == set(formats)
@@ -55,7 +61,7 @@ def test_every_format_loads_runs_and_takes_loras_in_forge(tmp_path, which_gguf):
             # run time: a low-rank delta on the GGUF layer, no per-step re-merge by Forge
             assert res["online_hooks"] == 1 and not res["online_still_forge_online"], (fmt, res)
             # close to the float reference: no further off than the format is without a LoRA
-            assert res["runtime_err_vs_float"] <= res["base_err_vs_float"] + 0.05, (fmt, res)
+            assert res["runtime_err_vs_float"] <= res["base_err_vs_float"] * 1.05 + 0.05, (fmt, res)
             assert res["merged_err_vs_float"] <= res["base_err_vs_float"] + 1.0, (fmt, res)
             assert res["online_modes"] == {fmt: "runtime"}, res
             # auto merges when Forge asks for it, unless a merge would lose too much of the delta
@@ -64,6 +70,11 @@ def test_every_format_loads_runs_and_takes_loras_in_forge(tmp_path, which_gguf):
             # the per-format choice in our options overrides Forge's switch, at the next refresh
             assert res["policy_runtime_hooks"] == 1 and res["policy_runtime_equal"], res
             assert res["policy_merge_hooks"] == 0 and res["policy_merge_modes"] == {fmt: "merge"}, res
+            assert res["policy_merge_changes_output"] > 0, res
+            # a format we cannot quantize is merged only when asked, into the requantize
+            # target (Q8_0 by default); removing the LoRA brings back its own format and bytes
+            expect = fmt if lib_gguf.get_format(fmt).can_quantize else "Q8_0"
+            assert res["policy_merge_format"] == expect, res
             if res["merged_modes"][fmt] == "merge":
                 assert res["policy_merge_equal"], res
             # Forge's memory management: swap load, unload, full load, a reload with the

@@ -51,12 +51,23 @@ sd = tiny_flux_state_dict(cfg, seed=1)
 H = cfg.hidden_size
 
 
+def random_blocks(f, shape):
+    """Valid bytes for a format we cannot quantize (IQ2_XXS needs an importance
+    matrix): random codes under a small fp16 scale in the first two bytes."""
+    g = torch.Generator().manual_seed(3)
+    rows = shape[0]
+    blocks = torch.randint(0, 256, (rows * shape[1] // f.block_size, f.type_size), generator=g, dtype=torch.uint8)
+    blocks[:, 0], blocks[:, 1] = 0x00, 0x0C  # fp16 0x0C00: about 2.4e-4
+    return blocks.reshape(rows, -1)
+
+
 def write(fmt):
     f = lib_gguf.get_format(fmt)
     q = {}
     for k, v in sd.items():
         if v.ndim == 2 and f.is_quantized and f.fits(v.shape[1]) and not k.startswith(("img_in", "final_layer")):
-            q[k] = lib_gguf.GGUFParameter(lib_gguf.quantize(v, fmt), fmt, v.shape)
+            data = lib_gguf.quantize(v, fmt) if f.can_quantize else random_blocks(f, v.shape)
+            q[k] = lib_gguf.GGUFParameter(data, fmt, v.shape)
         else:
             q[k] = v.half() if v.ndim == 2 else v
     p = os.path.join(out_dir, f"flux-{fmt}.gguf")
@@ -84,7 +95,8 @@ def run(model):
 
 
 def snapshot(model):
-    return {k: (p.data.clone() if getattr(p, "gguf_cls", None) is not None else p.detach().clone())
+    return {k: (p.data.clone() if getattr(p, "gguf_cls", None) is not None else p.detach().clone(),
+                getattr(getattr(p, "gguf_cls", None), "name", None))
             for k, p in model.named_parameters()}
 
 
@@ -162,6 +174,8 @@ for fmt in formats:
             res["policy_merge_hooks"] = hooks(model)
             res["policy_merge_equal"] = bool(torch.equal(run(model), delta_out[False]))
             res["policy_merge_modes"] = extension.last_modes()
+            res["policy_merge_format"] = model.double_blocks[0].img_attn.qkv.weight.gguf_cls.name
+            res["policy_merge_changes_output"] = float((run(model) - base).abs().max())
 
             # memory management: Forge's real load/unload, with CPU swap, then a full load
             use_options()  # the defaults: GGUF LoRAs at run time
@@ -188,7 +202,8 @@ for fmt in formats:
         patcher.lora_patches = {}
         patcher.refresh_loras()
         after = snapshot(model)
-        res["bytes_restored"] = all(torch.equal(before[k], after[k]) for k in before)
+        res["bytes_restored"] = all(torch.equal(before[k][0], after[k][0]) and before[k][1] == after[k][1]
+                                    for k in before)
         res["hooks_after_remove"] = hooks(model)
         res["base_restored"] = bool(torch.equal(run(model), base))
         res["ok"] = True
