@@ -58,6 +58,21 @@ for _t, _dst in (
 
 # -- shared pieces -------------------------------------------------------------------
 
+def chunked(blocks: int):
+    """Run a per-block quantizer over at most ``blocks`` blocks at a time. Every block
+    is independent, and slabs that stay in the CPU's cache make the many small
+    element-order steps several times faster than one pass over a whole tensor."""
+    def wrap(fn):
+        def run(x: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] <= blocks:
+                return fn(x)
+            return torch.cat([fn(x[i:i + blocks]) for i in range(0, x.shape[0], blocks)], dim=0)
+        run.__name__, run.__doc__, run.__wrapped__ = fn.__name__, fn.__doc__, fn
+        return run
+    return wrap
+
+
+
 def _f16_bytes(v: torch.Tensor) -> torch.Tensor:
     """float32 (n,) -> (n, 2) uint8, the fp16 bits (round to nearest even, as ggml)."""
     return v.to(torch.float16).contiguous().view(torch.uint8).reshape(-1, 2)
@@ -113,6 +128,7 @@ def _pack_high_bits(q: torch.Tensor) -> torch.Tensor:
 # -- legacy 32-weight formats (ggml's quantize_row_*_ref) -----------------------------
 
 @register_quantizer(GGMLType.Q8_0)
+@chunked(8192)
 def _q8_0(x: torch.Tensor) -> torch.Tensor:
     amax = x.abs().amax(dim=-1)
     d = amax / 127
@@ -123,7 +139,8 @@ def _q8_0(x: torch.Tensor) -> torch.Tensor:
 def _symmetric(x: torch.Tensor, bits: int) -> torch.Tensor:
     half = 1 << (bits - 1)
     d = _signed_absmax(x) / -half
-    q = torch.trunc(x * _inv(d)[:, None] + (half + 0.5)).clamp(max=2 * half - 1)
+    # C's (int8_t) cast truncates toward zero; x * id + half + 0.5 lies in [0.5, 2 * half + 0.5]
+    q = (x * _inv(d)[:, None] + (half + 0.5)).to(torch.int8).clamp_(max=2 * half - 1)
     parts = [_f16_bytes(d)]
     if bits == 5:
         parts.append(_pack_high_bits(q))
@@ -142,9 +159,9 @@ def _asymmetric(x: torch.Tensor, bits: int) -> torch.Tensor:
     lo = _zero_sign_as_scanned(x, x.amin(dim=-1))
     hi = _zero_sign_as_scanned(x, x.amax(dim=-1))
     d = (hi - lo) / ((1 << bits) - 1)
-    q = torch.trunc((x - lo[:, None]) * _inv(d)[:, None] + 0.5)
+    q = ((x - lo[:, None]) * _inv(d)[:, None] + 0.5).to(torch.int8)  # C's (int8_t): truncation
     if bits == 4:
-        q = q.clamp(max=15)
+        q = q.clamp_(max=15)
     parts = [_f16_bytes(d), _f16_bytes(lo)]
     if bits == 5:
         parts.append(_pack_high_bits(q))
@@ -152,10 +169,11 @@ def _asymmetric(x: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
-register_quantizer(GGMLType.Q4_0)(lambda x: _symmetric(x, 4))
-register_quantizer(GGMLType.Q5_0)(lambda x: _symmetric(x, 5))
-register_quantizer(GGMLType.Q4_1)(lambda x: _asymmetric(x, 4))
-register_quantizer(GGMLType.Q5_1)(lambda x: _asymmetric(x, 5))
+# 8192 blocks (262144 weights) a pass: the few full passes stay in the CPU's cache
+register_quantizer(GGMLType.Q4_0)(chunked(8192)(lambda x: _symmetric(x, 4)))
+register_quantizer(GGMLType.Q5_0)(chunked(8192)(lambda x: _symmetric(x, 5)))
+register_quantizer(GGMLType.Q4_1)(chunked(8192)(lambda x: _asymmetric(x, 4)))
+register_quantizer(GGMLType.Q5_1)(chunked(8192)(lambda x: _asymmetric(x, 5)))
 
 
 # -- K-quants (ggml's quantize_row_q*_K_ref) -----------------------------------------
@@ -174,20 +192,6 @@ def _seq_sum(terms) -> torch.Tensor:
     for t in terms:
         acc = t if acc is None else acc + t
     return acc
-
-
-def chunked(blocks: int):
-    """Run a per-block quantizer over at most ``blocks`` blocks at a time. Every block
-    is independent, and slabs that stay in the CPU's cache make the many small
-    element-order steps several times faster than one pass over a whole tensor."""
-    def wrap(fn):
-        def run(x: torch.Tensor) -> torch.Tensor:
-            if x.shape[0] <= blocks:
-                return fn(x)
-            return torch.cat([fn(x[i:i + blocks]) for i in range(0, x.shape[0], blocks)], dim=0)
-        run.__name__, run.__doc__, run.__wrapped__ = fn.__name__, fn.__doc__, fn
-        return run
-    return wrap
 
 
 def _make_qx_quants(x: torch.Tensor, nmax: int):
