@@ -28,7 +28,7 @@ import torch
 
 from .formats import GGMLType, register_quantizer
 from .grids import grid_indices
-from .quant import _f16_bytes, nearest_int, sqrtf
+from .quant import _f16_bytes, chunked, nearest_int, sqrtf
 
 _SHAPES = {"IQ3_XXS": (256, 4), "IQ3_S": (512, 4), "IQ2_S": (1024, 8), "IQ1_S": (2048, 8)}
 
@@ -272,18 +272,6 @@ def _lattice(x: torch.Tensor, spec: _Spec):
 _CHUNK = 1024  # blocks of 256 a pass: bounds the neighbour-search temporaries (tens of MB)
 
 
-def _chunked(fn):
-    """Run a per-block quantizer over at most ``_CHUNK`` blocks at a time (every
-    block is independent of the others)."""
-    def run(x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= _CHUNK:
-            return fn(x)
-        return torch.cat([fn(x[i:i + _CHUNK]) for i in range(0, x.shape[0], _CHUNK)], dim=0)
-    run.__name__ = fn.__name__
-    run.__doc__ = fn.__doc__
-    return run
-
-
 def _grid_codes(L, kmap, spec):
     m = L.shape[0]
     shifts = spec.bits * torch.arange(spec.dim, device=L.device)
@@ -303,7 +291,7 @@ def _block_scales(scale, nblk, per, fudge):
 
 
 @register_quantizer(GGMLType.IQ3_XXS)
-@_chunked
+@chunked(_CHUNK)
 def _iq3_xxs(x: torch.Tensor) -> torch.Tensor:
     spec = _IQ3_XXS
     n = x.shape[0]
@@ -321,7 +309,7 @@ def _iq3_xxs(x: torch.Tensor) -> torch.Tensor:
 
 
 @register_quantizer(GGMLType.IQ3_S)
-@_chunked
+@chunked(_CHUNK)
 def _iq3_s(x: torch.Tensor) -> torch.Tensor:
     spec = _IQ3_S
     n = x.shape[0]
@@ -347,7 +335,7 @@ def _iq3_s(x: torch.Tensor) -> torch.Tensor:
 
 
 @register_quantizer(GGMLType.IQ2_S)
-@_chunked
+@chunked(_CHUNK)
 def _iq2_s(x: torch.Tensor) -> torch.Tensor:
     spec = _IQ2_S
     n = x.shape[0]
@@ -481,7 +469,7 @@ def _iq1m_sub_blocks(xs: torch.Tensor):
 
 
 @register_quantizer(GGMLType.IQ1_M)
-@_chunked
+@chunked(_CHUNK)
 def _iq1_m(x: torch.Tensor) -> torch.Tensor:
     dev = x.device
     n = x.shape[0]
