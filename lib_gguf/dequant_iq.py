@@ -219,6 +219,39 @@ def _signed_grid(name: str, device) -> torch.Tensor:
     return t
 
 
+def _signed_grid4(name: str, device) -> torch.Tensor:
+    """(entries * 16, 4) float32 for a grid of 4-wide points: every point times every
+    4-bit sign pattern (row ``g * 16 + nibble``; bit j set: value j negative)."""
+    from .grids import grid
+
+    key = ("signed4", name, str(device))
+    t = _tables.get(key)
+    if t is None:
+        bits = (torch.arange(16)[:, None] >> torch.arange(4)[None, :]) & 1
+        s4 = (1.0 - 2.0 * bits.to(torch.float32)).to(device)
+        t = (grid(name, device)[:, None, :] * s4[None, :, :]).reshape(-1, 4).contiguous()
+        _tables[key] = t
+    return t
+
+
+def _ksign_bytes(device) -> torch.Tensor:
+    """(128,) int64: ggml's 7-bit sign index -> the 8 sign bits (the eighth makes the
+    count of minus signs even)."""
+    key = ("ksignbytes", str(device))
+    t = _tables.get(key)
+    if t is None:
+        i = torch.arange(128)
+        par = ((i[:, None] >> torch.arange(7)[None, :]) & 1).sum(dim=1) & 1
+        t = (i | (par << 7)).to(device)
+        _tables[key] = t
+    return t
+
+
+def _nibble_pairs(b: torch.Tensor) -> torch.Tensor:
+    """(..., k) sign bytes -> (..., 2k): low nibble, then high nibble, byte by byte."""
+    return torch.stack([b & 0x0F, b >> 4], dim=-1).reshape(*b.shape[:-1], -1)
+
+
 @register_dequantizer(GGMLType.IQ2_XXS)
 @_in_chunks(256)
 def _iq2_xxs(blocks: torch.Tensor):
@@ -270,34 +303,30 @@ def _iq2_s(blocks: torch.Tensor):
 @register_dequantizer(GGMLType.IQ3_XXS)
 @_in_chunks(256)
 def _iq3_xxs(blocks: torch.Tensor):
-    from .grids import grid, ksigns
-
     n, dev = blocks.shape[0], blocks.device
     d = _f16(blocks[:, :2])
     qs = blocks[:, 2:66].to(torch.int64)
     sc = _u32(blocks[:, 66:98])  # (n, 8)
-    db = d * (0.5 + (sc >> 28).to(torch.float32)) * 0.5
-    sidx = (sc[..., None] >> torch.tensor([0, 7, 14, 21], device=dev)) & 0x7F
-    signs = _rows(ksigns(dev), sidx)  # (n, 8, 4, 8)
-    g = _rows(grid("IQ3_XXS", dev), qs).reshape(n, 8, 4, 8)
-    return db[:, :, None, None], g * signs
+    db = (d * (0.5 + (sc >> 28).to(torch.float32)) * 0.5).reshape(n, 8, 1, 1)
+    sidx = (sc[..., None] >> torch.tensor([0, 7, 14, 21], device=dev)) & 0x7F  # (n, 8, 4): 8 values each
+    nib = _nibble_pairs(_ksign_bytes(dev)[sidx]).reshape(n, 64)       # one nibble per grid point
+    gs = _rows(_signed_grid4("IQ3_XXS", dev), (qs << 4) | nib).reshape(n, 8, 8, 4)
+    return db, gs
 
 
 @register_dequantizer(GGMLType.IQ3_S)
 @_in_chunks(256)
 def _iq3_s(blocks: torch.Tensor):
-    from .grids import grid
-
     n, dev = blocks.shape[0], blocks.device
     d = _f16(blocks[:, :2])
     qs, qh, signs, scales = blocks[:, 2:66], blocks[:, 66:74], blocks[:, 74:106], blocks[:, 106:110]
     sc = _nibbles_interleaved(scales)  # (n, 8)
     db = (d * (1 + 2 * sc).to(torch.float32)).reshape(n, 8, 1, 1)
-    s = _rows(_sign_bytes(dev), signs.to(torch.int64)).reshape(n, 8, 4, 8)
     hi = (qh.to(torch.int64)[..., None] >> torch.arange(8, device=dev)) & 1  # (n, 8, 8)
     idx = qs.to(torch.int64) | (hi.reshape(n, 64) << 8)
-    g = _rows(grid("IQ3_S", dev), idx).reshape(n, 8, 4, 8)
-    return db, g * s
+    nib = _nibble_pairs(signs).to(torch.int64)                          # (n, 64)
+    gs = _rows(_signed_grid4("IQ3_S", dev), (idx << 4) | nib).reshape(n, 8, 8, 4)
+    return db, gs
 
 
 IQ1_DELTA = 0.125
