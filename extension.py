@@ -91,17 +91,32 @@ def set_options_provider(provider) -> None:
     _state["options"] = provider
 
 
+def set_mode_override(modes: Optional[Dict[str, str]]) -> None:
+    """Per-format LoRA modes that win over the options for the next generations (a
+    pasted infotext's ``GGUF LoRA`` field, to reproduce an image); None clears them."""
+    from lib_lora.policy import MODES
+
+    clean = {}
+    for fmt, mode in (modes or {}).items():
+        mode = mode.split("+")[0]  # "merge+runtime" (auto's mix): merge where it can
+        if mode in MODES:
+            clean[str(fmt).upper()] = mode
+    _state["override"] = clean
+
+
 def _options():
     from lib_lora.policy import LoraOptions
 
     provider = _state.get("options")
-    if provider is None:
-        return LoraOptions()
     try:
-        return provider()
+        opts = provider() if provider is not None else LoraOptions()
     except Exception as e:  # a broken options file must not stop a generation
         log.warning("GGUF LoRA options unreadable (%s): using the defaults", e)
-        return LoraOptions()
+        opts = LoraOptions()
+    override = _state.get("override")
+    if override:
+        opts = LoraOptions.from_dict(dict(opts.to_dict(), mode_by_format={**opts.mode_by_format, **override}))
+    return opts
 
 
 def last_modes() -> Dict[str, str]:

@@ -194,8 +194,19 @@ def _mxfp4(x: torch.Tensor) -> torch.Tensor:
     _, exp = torch.frexp(amax)  # amax = m * 2**exp, m in [0.5, 1): floor(log2(amax)) = exp - 1
     e = torch.where(amax > 0, (exp - 1 - 2 + 127).clamp(0, 255), torch.zeros_like(exp)).to(torch.uint8)
     d = _e8m0_half(e)
-    levels = torch.tensor(E2M1_DOUBLED, dtype=torch.float32, device=x.device)
-    err = (d[:, None, None] * levels - x[:, :, None]).abs()
-    best = err.argmin(dim=-1).to(torch.uint8)
+    # The first level with the smallest |d * level - x| in the table's order. A negative
+    # level's error equals its magnitude's against |x| (negation is exact), and the
+    # table lists 0 first and each sign's magnitudes in increasing order: so the pick is
+    # the first of the eight magnitudes nearest to |x|, on x's side of zero.
+    ax = x.abs()
+    dd = d[:, None]
+    best = torch.zeros(ax.shape, dtype=torch.uint8, device=x.device)
+    best_err = ax.clone()  # magnitude 0
+    for i, mag in enumerate(E2M1_DOUBLED[1:8], start=1):
+        err = (dd * float(mag) - ax).abs()
+        better = err < best_err
+        best = torch.where(better, torch.full_like(best, i), best)
+        best_err = torch.where(better, err, best_err)
+    best = torch.where((x < 0) & (best > 0), best + 8, best)
     qs = best[:, :16] | (best[:, 16:] << 4)
     return torch.cat([e[:, None], qs], dim=1)

@@ -39,6 +39,16 @@ def infotext_params() -> dict:
     return _ui().lora_infotext(modes=modes)
 
 
+def apply_pasted_modes(text: str) -> dict:
+    """``"Q4_K:runtime,Q8_0:merge"`` (from a pasted infotext) -> the modes that win
+    over the options for this generation; empty text clears them. Returns them."""
+    import extension
+
+    modes = _ui().parse_lora_infotext(text or "")
+    extension.set_mode_override(modes)
+    return extension._state.get("override", {})
+
+
 def setup() -> bool:
     """Register the backend with the tab's options as the policy's input. False outside Forge."""
     import extension
@@ -69,6 +79,20 @@ if _forge_scripts is not None and hasattr(_forge_scripts, "Script"):
 
         def show(self, is_img2img):
             return _forge_scripts.AlwaysVisible
+
+        def ui(self, is_img2img):
+            """One small field, filled when an infotext with ``GGUF LoRA`` is pasted:
+            those modes then win over the tab's options, so the image is reproduced."""
+            import gradio as gr
+
+            with gr.Accordion("GGUF LoRA", open=False):
+                modes = gr.Textbox(label="LoRA modes from a pasted infotext (empty: the GGUF tab's options)",
+                                   value="", lines=1)
+            self.infotext_fields = [(modes, _ui().INFOTEXT_KEY)]
+            return [modes]
+
+        def process(self, p, modes="", *args, **kwargs):
+            apply_pasted_modes(modes)
 
         def postprocess_batch(self, p, *args, **kwargs):
             try:

@@ -71,3 +71,31 @@ def test_runtime_factors_follow_the_layer_device():
     assert len(hook._cache) == 1 and next(iter(hook._cache)) == (x.device, torch.float16)
     assert torch.allclose(out16.float(), ref, atol=2e-2)
     hook.remove()
+
+
+def test_pasted_infotext_modes_win_over_the_options(monkeypatch):
+    from lib_lora.policy import LoraOptions
+
+    mod = _load("gguf_backend_paste", fake_forge=True, monkeypatch=monkeypatch)
+    monkeypatch.setitem(extension._state, "options", lambda: LoraOptions(mode_by_format={"Q4_K": "merge"}))
+    try:
+        script = mod.GGUFLoraScript()
+        script.process(types.SimpleNamespace(), "Q4_K:runtime,Q8_0:merge+runtime,bogus:fast")
+        opts = extension._options()
+        assert opts.mode_by_format == {"Q4_K": "runtime", "Q8_0": "merge"}
+        script.process(types.SimpleNamespace(), "")  # nothing pasted: the tab's options again
+        assert extension._options().mode_by_format == {"Q4_K": "merge"}
+    finally:
+        extension.set_mode_override(None)
+
+
+def test_the_paste_field_is_registered_for_the_infotext_key(monkeypatch):
+    import pytest
+
+    gr = pytest.importorskip("gradio")
+    mod = _load("gguf_backend_ui", fake_forge=True, monkeypatch=monkeypatch)
+    script = mod.GGUFLoraScript()
+    with gr.Blocks():
+        comps = script.ui(False)
+    assert len(comps) == 1 and isinstance(comps[0], gr.Textbox)
+    assert script.infotext_fields == [(comps[0], "GGUF LoRA")]

@@ -98,7 +98,7 @@ def test_c_rounding_helpers():
     assert sqrtf(torch.tensor([46.369140625])).item() == float(np.sqrt(np.float32(46.369140625)))
 
 
-@pytest.mark.parametrize("fmt", ORACLE_FORMATS)
+@pytest.mark.parametrize("fmt", ORACLE_FORMATS + ["MXFP4"])
 def test_byte_identical_to_live_ggml(fmt):
     """Beyond the stored oracle: ggml's own quantizer through ggml-python, when installed,
     on rows of mixed scales, zero runs, exact ties and fp16-edge magnitudes."""
