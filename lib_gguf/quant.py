@@ -93,7 +93,10 @@ def rdiv(c: float, t: torch.Tensor) -> torch.Tensor:
 def sqrtf(t: torch.Tensor) -> torch.Tensor:
     """C's sqrtf, correctly rounded. torch's float32 sqrt on the CPU is not always
     (46.369140625 gives one ulp below the nearest float), so take it in float64:
-    a float64 square root of a float32 rounds back to the nearest float32."""
+    a float64 square root of a float32 rounds back to the nearest float32. (Apple's
+    MPS has no float64: there the float32 square root is used.)"""
+    if t.device.type == "mps":
+        return t.sqrt()
     return t.double().sqrt().to(t.dtype)
 
 
