@@ -272,11 +272,16 @@ def _lattice(x: torch.Tensor, spec: _Spec):
 _CHUNK = 1024  # blocks of 256 a pass: bounds the neighbour-search temporaries (tens of MB)
 
 
-def _grid_codes(L, kmap, spec):
+def _fit_blocks(x: torch.Tensor, spec: _Spec, fudge: float):
+    """Everything a lattice format stores, before packing: grid indices (m, groups),
+    signs (m, sub/8), skipped (m,), the fp16-bound block scale (n,), the 4-bit
+    sub-block scales (n, per) and whether each block has any (n,)."""
+    scale, L, signs, skipped, kmap = _lattice(x, spec)
     m = L.shape[0]
     shifts = spec.bits * torch.arange(spec.dim, device=L.device)
-    u = (L.reshape(m, -1, spec.dim) << shifts).sum(-1)
-    return kmap[u]  # (m, groups)
+    gi = kmap[(L.reshape(m, -1, spec.dim) << shifts).sum(-1)]
+    dh, l, live = _block_scales(scale, x.shape[0], m // x.shape[0], fudge)
+    return gi, signs, skipped, dh, l, live
 
 
 def _block_scales(scale, nblk, per, fudge):
@@ -293,12 +298,9 @@ def _block_scales(scale, nblk, per, fudge):
 @register_quantizer(GGMLType.IQ3_XXS)
 @chunked(_CHUNK)
 def _iq3_xxs(x: torch.Tensor) -> torch.Tensor:
-    spec = _IQ3_XXS
     n = x.shape[0]
-    scale, L, signs, skipped, kmap = _lattice(x, spec)
-    gi = _grid_codes(L, kmap, spec)                                   # (n*8, 8)
+    gi, signs, skipped, dh, l, live = _fit_blocks(x, _IQ3_XXS, 1.0125)   # gi: (n*8, 8)
     gi = torch.where(skipped[:, None], torch.zeros_like(gi), gi)
-    dh, l, live = _block_scales(scale, n, 8, 1.0125)
     s4 = signs.reshape(n * 8, 4)
     packed = s4[:, 0] | (s4[:, 1] << 7) | (s4[:, 2] << 14) | (s4[:, 3] << 21)
     packed = torch.where(skipped, torch.zeros_like(packed), packed).reshape(n, 8) | (l << 28)
@@ -311,13 +313,11 @@ def _iq3_xxs(x: torch.Tensor) -> torch.Tensor:
 @register_quantizer(GGMLType.IQ3_S)
 @chunked(_CHUNK)
 def _iq3_s(x: torch.Tensor) -> torch.Tensor:
-    spec = _IQ3_S
     n = x.shape[0]
-    scale, L, signs, skipped, kmap = _lattice(x, spec)
-    gi = _grid_codes(L, kmap, spec).reshape(n, 8, 8)                   # (block, sub, group)
+    gi, signs, skipped, dh, l, _ = _fit_blocks(x, _IQ3_S, 1.033)
+    gi = gi.reshape(n, 8, 8)                                          # (block, sub, group)
     sg = signs.reshape(n, 8, 4)
     live_sub = ~skipped.reshape(n, 8)
-    dh, l, _ = _block_scales(scale, n, 8, 1.033)
     # qh: bit k of byte ib is the ninth bit of group k of sub-block ib (by position)
     hi = ((gi >> 8) & 1) * live_sub[..., None]
     qh = (hi << torch.arange(8, device=x.device)).sum(-1)
@@ -337,14 +337,11 @@ def _iq3_s(x: torch.Tensor) -> torch.Tensor:
 @register_quantizer(GGMLType.IQ2_S)
 @chunked(_CHUNK)
 def _iq2_s(x: torch.Tensor) -> torch.Tensor:
-    spec = _IQ2_S
     n = x.shape[0]
-    scale, L, signs, skipped, kmap = _lattice(x, spec)
-    gi = _grid_codes(L, kmap, spec).reshape(n, 32)                     # 16 sub-blocks x 2 groups
+    gi, signs, skipped, dh, l, _ = _fit_blocks(x, _IQ2_S, 0.9875)
     live_g = (~skipped).repeat_interleave(2).reshape(n, 32)
-    gi = gi * live_g
+    gi = gi.reshape(n, 32) * live_g                                   # 16 sub-blocks x 2 groups
     sg = signs.reshape(n, 32) * live_g
-    dh, l, _ = _block_scales(scale, n, 16, 0.9875)
     qh = (((gi >> 8) & 3).reshape(n, 8, 4) << (2 * torch.arange(4, device=x.device))).sum(-1)
     scales = l[:, 0::2] | (l[:, 1::2] << 4)
     return torch.cat([_f16_bytes(dh), (gi & 255).to(torch.uint8), sg.to(torch.uint8), qh.to(torch.uint8),
