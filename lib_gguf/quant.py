@@ -121,11 +121,16 @@ def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     return (q[:, :16] & 0x0F) | ((q[:, 16:] & 0x0F) << 4)
 
 
+_BYTE_BITS = 0x0102040810204080  # sum of 2**(56 - 7i): byte i's low bit lands on bit 56 + i
+
+
 def _pack_high_bits(q: torch.Tensor) -> torch.Tensor:
-    """(n, 32) 5-bit values -> (n, 4) bytes: bit 4 of value j at bit j of a little-endian uint32."""
-    bits = ((q.to(torch.int32) >> 4) & 1).reshape(-1, 4, 8)
-    weights = (1 << torch.arange(8, device=q.device, dtype=torch.int32))
-    return (bits * weights).sum(-1).to(torch.uint8)
+    """(n, 32) 5-bit values -> (n, 4) bytes: bit 4 of value j at bit j of a little-endian uint32.
+
+    Eight 0/1 bytes read as one int64 and multiplied by ``_BYTE_BITS`` put byte i's
+    bit at bit 56 + i, with no carries (every partial product has its own bit)."""
+    bits = ((q.to(torch.uint8) >> 4) & 1).contiguous().view(torch.int64)   # (n, 4): 8 values each
+    return ((bits * _BYTE_BITS) >> 56 & 0xFF).to(torch.uint8)
 
 
 # -- legacy 32-weight formats (ggml's quantize_row_*_ref) -----------------------------
@@ -151,16 +156,16 @@ def _symmetric(x: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
-def _zero_sign_as_scanned(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """A running min/max in C keeps the first zero it meets: give a zero result
-    that zero's sign, so the stored fp16 matches ggml's bit for bit."""
-    first_zero = (x == 0).to(torch.int8).argmax(dim=-1, keepdim=True)
-    return torch.where(v == 0, x.gather(-1, first_zero).squeeze(-1), v)
-
-
 def _asymmetric(x: torch.Tensor, bits: int) -> torch.Tensor:
-    lo = _zero_sign_as_scanned(x, x.amin(dim=-1))
-    hi = _zero_sign_as_scanned(x, x.amax(dim=-1))
+    lo, hi = torch.aminmax(x, dim=-1)
+    # A running min/max in C keeps the first zero it meets: a zero result takes that
+    # zero's sign, so the stored fp16 matches ggml's bit for bit.
+    zero = (lo == 0) | (hi == 0)
+    if bool(zero.any()):
+        first_zero = (x == 0).to(torch.int8).argmax(dim=-1, keepdim=True)
+        z = x.gather(-1, first_zero).squeeze(-1)
+        lo = torch.where(lo == 0, z, lo)
+        hi = torch.where(hi == 0, z, hi)
     d = (hi - lo) / ((1 << bits) - 1)
     q = ((x - lo[:, None]) * _inv(d)[:, None] + 0.5).to(torch.int8)  # C's (int8_t): truncation
     if bits == 4:
