@@ -455,25 +455,35 @@ def _make_q3_quants(x: torch.Tensor, nmax: int):
     wx = w * xt
     sumlx = _seq_sum(wx[i] * L[i] for i in range(k))
     suml2 = _seq_sum(w[i] * L[i] * L[i] for i in range(k))
-    # ggml stops a row once a pass changes nothing in it; a pass that changes nothing
-    # leaves the row as it is, so we stop when no row changed (at most five passes)
+    # ggml stops a row once a pass changes nothing in it (at most five passes): each
+    # pass runs on the rows the previous pass changed, gathered into a smaller slab
+    active = torch.arange(xt.shape[1], device=x.device)
+    xa, wa, wxa, La, sx, s2 = xt, w, wx, L, sumlx, suml2
     for _ in range(5):
-        any_change = torch.zeros((), dtype=torch.bool, device=x.device)
+        moved = torch.zeros(active.shape[0], dtype=torch.bool, device=x.device)
         for i in range(k):
-            slx = sumlx - wx[i] * L[i]
+            slx = sx - wxa[i] * La[i]
             ok = slx > 0
-            sl2 = suml2 - w[i] * L[i] * L[i]
-            new_l = nearest_int(xt[i] * sl2 / torch.where(ok, slx, torch.ones_like(slx))).clamp(-nmax, nmax - 1)
-            changed = ok & (new_l != L[i])
-            slx2 = slx + wx[i] * new_l
-            sl22 = sl2 + w[i] * new_l * new_l
-            accept = changed & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
-            L[i] = torch.where(accept, new_l, L[i])
-            sumlx = torch.where(accept, slx2, sumlx)
-            suml2 = torch.where(accept, sl22, suml2)
-            any_change |= accept.any()
-        if not bool(any_change):
+            sl2 = s2 - wa[i] * La[i] * La[i]
+            new_l = nearest_int(xa[i] * sl2 / torch.where(ok, slx, torch.ones_like(slx))).clamp(-nmax, nmax - 1)
+            changed = ok & (new_l != La[i])
+            slx2 = slx + wxa[i] * new_l
+            sl22 = sl2 + wa[i] * new_l * new_l
+            accept = changed & (sl22 > 0) & (slx2 * slx2 * s2 > sx * sx * sl22)
+            La[i] = torch.where(accept, new_l, La[i])
+            sx = torch.where(accept, slx2, sx)
+            s2 = torch.where(accept, sl22, s2)
+            moved |= accept
+        if La is not L:  # the first pass works on L itself
+            L[:, active] = La
+        sumlx = sumlx.index_copy(0, active, sx)
+        suml2 = suml2.index_copy(0, active, s2)
+        keep = moved.nonzero().squeeze(1)
+        if keep.numel() == 0:
             break
+        active = active.index_select(0, keep)
+        xa, wa, wxa = xt.index_select(1, active), w.index_select(1, active), wx.index_select(1, active)
+        La, sx, s2 = L.index_select(1, active), sumlx.index_select(0, active), suml2.index_select(0, active)
     scale = sumlx / torch.where(zero, torch.ones_like(suml2), suml2)
     scale = torch.where(zero, torch.zeros_like(scale), scale)
     L = torch.where(zero, torch.zeros_like(L), L + nmax)
