@@ -1,9 +1,10 @@
 """Quantizer speed and error, CPU.
 
-    python bench/quantize.py [--rows 3072] [--cols 3072] [--threads 2] [--model-rows 64]
+    python bench/quantize.py [--rows 3072] [--cols 3072] [--threads 2] [--model-rows 64] [--backend auto]
 
-Per format: Mweights/s of lib_gguf's torch quantizer on a rows x cols weight
-(``--threads`` torch threads), beside ggml's C quantizer (single thread, through
+Per format: Mweights/s of lib_gguf's quantizer on a rows x cols weight
+(``--threads`` threads; ``--backend``: auto takes the compiled numba kernels when
+numba is installed, torch the torch kernels), the torch kernels alone, and beside ggml's C quantizer (single thread, through
 ``ggml-python`` when installed) and gguf-py's numpy quantizer where it has the
 format, all in the same run; ours and ggml's are timed in alternation and the
 ratio is the median of the pairs (this machine is shared and noisy). Also the
@@ -52,11 +53,18 @@ def main():
     ap.add_argument("--pairs", type=int, default=3, help="alternating ours/ggml timings per format")
     ap.add_argument("--model-rows", type=int, default=64)
     ap.add_argument("--formats", default="", help="comma-separated subset")
+    ap.add_argument("--backend", default="auto", choices=["auto", "torch", "numba"])
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    from lib_gguf import quant, quant_numba
+
+    quant.set_backend(a.backend)
     print(f"command: python bench/quantize.py --rows {a.rows} --cols {a.cols} --threads {a.threads} "
-          f"--pairs {a.pairs} --model-rows {a.model_rows}" + (f" --formats {a.formats}" if a.formats else ""))
-    print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {ggml_ref.version()}")
+          f"--pairs {a.pairs} --model-rows {a.model_rows} --backend {a.backend}"
+          + (f" --formats {a.formats}" if a.formats else ""))
+    nb = "numba " + __import__("numba").__version__ if quant_numba.available() else "no numba"
+    print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {nb}, "
+          f"{ggml_ref.version()}")
     import gguf
 
     wanted = {f.strip().upper() for f in a.formats.split(",") if f.strip()}
@@ -65,9 +73,9 @@ def main():
     xn = x.numpy()
     oracle = dict(np.load(ORACLE)) if ORACLE.exists() else {}
     kinds = sorted({k.split(".")[0] for k in oracle if k.endswith(".x")})
-    print("\n| format | ours Mw/s | ggml C Mw/s | ours / ggml | = ggml bytes | gguf-py numpy Mw/s | rmse ours | "
-          "rmse ggml (oracle) | = oracle |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| format | ours Mw/s (kernel) | torch kernel Mw/s | ggml C Mw/s | ours / ggml | = ggml bytes | "
+          "gguf-py numpy Mw/s | rmse ours | rmse ggml (oracle) | = oracle |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for fmt in FORMATS.values():
         if not fmt.is_quantized or not fmt.can_quantize or (wanted and fmt.name not in wanted):
             continue
@@ -80,6 +88,15 @@ def main():
                 ggml_t.append(timed(lambda: ggml_ref.quantize(xn, fmt.name), 1))
                 ratios.append(ggml_t[-1] / ours_t[-1])
         ours = x.numel() / min(ours_t) / 1e6
+        kernel = "torch"
+        if a.backend != "torch" and quant_numba.has_kernel(fmt.type_id):
+            kernel = "numba"
+            old = quant.set_backend("torch")
+            lib_gguf.quantize(x[:2], fmt)
+            torch_rate = f"{x.numel() / timed(lambda: lib_gguf.quantize(x, fmt), 1) / 1e6:.1f}"
+            quant.set_backend(old)
+        else:
+            torch_rate = f"{ours:.1f}"
         g_rate = f"{x.numel() / min(ggml_t) / 1e6:.1f}" if ggml_t else "-"
         g_ratio = f"{float(np.median(ratios)):.2f}x" if ratios else "-"
         g_same = "-"
@@ -108,7 +125,7 @@ def main():
             same += int(np.array_equal(q.numpy().reshape(-1), oracle[key].reshape(-1)))
         ro = f"{np.mean(r_ours):.4f}" if r_ours else "-"
         rg = f"{np.mean(r_ggml):.4f}" if r_ggml else "-"
-        print(f"| {fmt.name} | {ours:.1f} | {g_rate} | {g_ratio} | {g_same} | {numpy_rate} | {ro} | {rg} | "
+        print(f"| {fmt.name} | {ours:.1f} ({kernel}) | {torch_rate} | {g_rate} | {g_ratio} | {g_same} | {numpy_rate} | {ro} | {rg} | "
               f"{same}/{len(r_ours)} |")
     whole_model(a.model_rows)
 

@@ -272,11 +272,14 @@ def _lattice(x: torch.Tensor, spec: _Spec):
 _CHUNK = 1024  # blocks of 256 a pass: bounds the neighbour-search temporaries (tens of MB)
 
 
-def _fit_blocks(x: torch.Tensor, spec: _Spec, fudge: float):
+def _fit_blocks(x: torch.Tensor, spec: _Spec, fudge: float, fit=None):
     """Everything a lattice format stores, before packing: grid indices (m, groups),
     signs (m, sub/8), skipped (m,), the fp16-bound block scale (n,), the 4-bit
-    sub-block scales (n, per) and whether each block has any (n,)."""
-    scale, L, signs, skipped, kmap = _lattice(x, spec)
+    sub-block scales (n, per) and whether each block has any (n,).
+
+    ``fit`` replaces :func:`_lattice` (the compiled fit of :mod:`lib_gguf.quant_numba`
+    gives the same outputs)."""
+    scale, L, signs, skipped, kmap = (fit or _lattice)(x, spec)
     m = L.shape[0]
     shifts = spec.bits * torch.arange(spec.dim, device=L.device)
     gi = kmap[(L.reshape(m, -1, spec.dim) << shifts).sum(-1)]
@@ -297,9 +300,9 @@ def _block_scales(scale, nblk, per, fudge):
 
 @register_quantizer(GGMLType.IQ3_XXS)
 @chunked(_CHUNK)
-def _iq3_xxs(x: torch.Tensor) -> torch.Tensor:
+def _iq3_xxs(x: torch.Tensor, fit=None) -> torch.Tensor:
     n = x.shape[0]
-    gi, signs, skipped, dh, l, live = _fit_blocks(x, _IQ3_XXS, 1.0125)   # gi: (n*8, 8)
+    gi, signs, skipped, dh, l, live = _fit_blocks(x, _IQ3_XXS, 1.0125, fit)   # gi: (n*8, 8)
     gi = torch.where(skipped[:, None], torch.zeros_like(gi), gi)
     s4 = signs.reshape(n * 8, 4)
     packed = s4[:, 0] | (s4[:, 1] << 7) | (s4[:, 2] << 14) | (s4[:, 3] << 21)
@@ -312,9 +315,9 @@ def _iq3_xxs(x: torch.Tensor) -> torch.Tensor:
 
 @register_quantizer(GGMLType.IQ3_S)
 @chunked(_CHUNK)
-def _iq3_s(x: torch.Tensor) -> torch.Tensor:
+def _iq3_s(x: torch.Tensor, fit=None) -> torch.Tensor:
     n = x.shape[0]
-    gi, signs, skipped, dh, l, _ = _fit_blocks(x, _IQ3_S, 1.033)
+    gi, signs, skipped, dh, l, _ = _fit_blocks(x, _IQ3_S, 1.033, fit)
     gi = gi.reshape(n, 8, 8)                                          # (block, sub, group)
     sg = signs.reshape(n, 8, 4)
     live_sub = ~skipped.reshape(n, 8)
@@ -336,9 +339,9 @@ def _iq3_s(x: torch.Tensor) -> torch.Tensor:
 
 @register_quantizer(GGMLType.IQ2_S)
 @chunked(_CHUNK)
-def _iq2_s(x: torch.Tensor) -> torch.Tensor:
+def _iq2_s(x: torch.Tensor, fit=None) -> torch.Tensor:
     n = x.shape[0]
-    gi, signs, skipped, dh, l, _ = _fit_blocks(x, _IQ2_S, 0.9875)
+    gi, signs, skipped, dh, l, _ = _fit_blocks(x, _IQ2_S, 0.9875, fit)
     live_g = (~skipped).repeat_interleave(2).reshape(n, 32)
     gi = gi.reshape(n, 32) * live_g                                   # 16 sub-blocks x 2 groups
     sg = signs.reshape(n, 32) * live_g
@@ -467,12 +470,12 @@ def _iq1m_sub_blocks(xs: torch.Tensor):
 
 @register_quantizer(GGMLType.IQ1_M)
 @chunked(_CHUNK)
-def _iq1_m(x: torch.Tensor) -> torch.Tensor:
+def _iq1_m(x: torch.Tensor, fit=None) -> torch.Tensor:
     dev = x.device
     n = x.shape[0]
     m = n * 16
     xs = x.reshape(m, 16)
-    scale, bk, gi, skipped = _iq1m_sub_blocks(xs)
+    scale, bk, gi, skipped = (fit or _iq1m_sub_blocks)(xs)
     # ggml does not set the shift of a sub-block it skips (all |x| < 1e-7); in the ggml
     # build that made our oracle it reads as 0 in every such case (409 of 409), so a
     # skipped sub-block gets shift 0 (no mask bits).

@@ -1,10 +1,15 @@
-"""Quantizers: byte-identical to ggml's own (the no-importance-matrix path) on the oracle inputs."""
+"""Quantizers: byte-identical to ggml's own (the no-importance-matrix path) on the oracle inputs,
+with the torch kernels and with the compiled (numba) ones."""
+import logging
+import zlib
+
 import numpy as np
 import pytest
 import torch
 
 import lib_gguf
 from lib_gguf import GGUFFormatError, get_format
+from lib_gguf import quant, quant_numba
 from lib_gguf.formats import _QUANTIZERS, _load_kernels
 
 KINDS = ["normal", "weights", "laplace_outliers", "positive", "negative", "sparse_zero_const_rows", "tiny", "huge",
@@ -12,6 +17,21 @@ KINDS = ["normal", "weights", "laplace_outliers", "positive", "negative", "spars
 _load_kernels()
 ORACLE_FORMATS = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL",
                   "IQ4_XS", "TQ1_0", "TQ2_0", "IQ3_XXS", "IQ3_S", "IQ2_S", "IQ1_M"]
+
+
+@pytest.fixture(params=["torch", "numba"])
+def backend(request):
+    """Each byte test runs once on the torch kernels and once on the compiled ones."""
+    if request.param == "numba" and not quant_numba.available():
+        pytest.skip("numba is not installed")
+    old = quant.set_backend(request.param)
+    yield request.param
+    quant.set_backend(old)
+
+
+def _skip_without_kernel(fmt, backend):
+    if backend == "numba" and not quant_numba.has_kernel(get_format(fmt).type_id):
+        pytest.skip(f"no compiled kernel for {fmt}: the torch one runs")
 
 
 def _scale_fields(fmt):
@@ -31,9 +51,10 @@ def _normalise_zero_scales(blocks: np.ndarray, fmt: str) -> np.ndarray:
 
 
 @pytest.mark.parametrize("fmt", ORACLE_FORMATS)
-def test_byte_identical_to_ggml(oracle, fmt):
+def test_byte_identical_to_ggml(oracle, fmt, backend):
     if get_format(fmt).type_id not in _QUANTIZERS:
         pytest.skip(f"no quantizer for {fmt} yet")
+    _skip_without_kernel(fmt, backend)
     f = get_format(fmt)
     for kind in KINDS:
         x = torch.from_numpy(oracle[f"{kind}.x"])
@@ -99,14 +120,15 @@ def test_c_rounding_helpers():
 
 
 @pytest.mark.parametrize("fmt", ORACLE_FORMATS + ["MXFP4"])
-def test_byte_identical_to_live_ggml(fmt):
+def test_byte_identical_to_live_ggml(fmt, backend):
     """Beyond the stored oracle: ggml's own quantizer through ggml-python, when installed,
     on rows of mixed scales, zero runs, exact ties and fp16-edge magnitudes."""
     from lib_gguf import ggml_ref
 
     if not ggml_ref.available():
         pytest.skip("ggml-python is not installed")
-    rng = np.random.default_rng(abs(hash(fmt)) % 2**32)
+    _skip_without_kernel(fmt, backend)
+    rng = np.random.default_rng(zlib.crc32(fmt.encode()))
     x = rng.standard_normal((12, 512)).astype(np.float32) * rng.lognormal(0, 2, (12, 1)).astype(np.float32)
     x[1, 40:300] = 0
     x[2] = np.round(x[2] * 2)
@@ -122,3 +144,105 @@ def test_byte_identical_to_live_ggml(fmt):
         _normalise_zero_scales(ref.reshape(-1, f.type_size), fmt)
     bad = np.where((got != ref).any(axis=1))[0]
     assert len(bad) == 0, f"{fmt}: {len(bad)} of {len(ref)} blocks differ from ggml, first {bad[:5]}"
+
+
+@pytest.mark.skipif(not quant_numba.available(), reason="numba is not installed")
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+                                 "IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0", "MXFP4", "IQ3_XXS", "IQ3_S", "IQ2_S", "IQ1_M"])
+def test_compiled_and_torch_kernels_agree(fmt):
+    """Both paths, fresh random rows in a (2, 3, n) layout, wider than one thread's share."""
+    g = torch.Generator().manual_seed(zlib.crc32(fmt.encode()))
+    x = torch.randn(2, 3, 2048, generator=g) * torch.rand(2, 3, 1, generator=g) * 10
+    x[0, 1, :700] = 0
+    assert quant_numba.has_kernel(get_format(fmt).type_id)
+    old = quant.set_backend("torch")
+    try:
+        want = lib_gguf.quantize(x, fmt)
+        quant.set_backend("numba")
+        got = lib_gguf.quantize(x, fmt)
+    finally:
+        quant.set_backend(old)
+    assert got.shape == want.shape and got.dtype == torch.uint8
+    assert torch.equal(got, want)
+
+
+def test_compiled_kernel_failure_falls_back_to_torch(monkeypatch, caplog):
+    x = torch.randn(4, 256, generator=torch.Generator().manual_seed(3))
+    old = quant.set_backend("torch")
+    want = lib_gguf.quantize(x, "Q4_K")
+    quant.set_backend("auto")
+    calls = []
+
+    def broken(type_id, blocks, type_size):
+        calls.append(type_id)
+        raise RuntimeError("LLVM could not compile")
+
+    monkeypatch.setattr(quant_numba, "has_kernel", lambda type_id: True)
+    monkeypatch.setattr(quant_numba, "run", broken)
+    monkeypatch.setattr(quant, "_numba_failed", set())
+    try:
+        with caplog.at_level(logging.WARNING, logger="lib_gguf.quant"):
+            assert torch.equal(lib_gguf.quantize(x, "Q4_K"), want)
+            assert torch.equal(lib_gguf.quantize(x, "Q4_K"), want)
+        assert len(calls) == 1, "a kernel that failed once is not tried again"
+        assert "Q4_K" in caplog.text and "torch" in caplog.text
+        quant.set_backend("numba")  # asked for explicitly: the failure is not hidden
+        quant._numba_failed.clear()
+        with pytest.raises(RuntimeError, match="LLVM"):
+            lib_gguf.quantize(x, "Q4_K")
+    finally:
+        quant.set_backend(old)
+
+
+def test_backend_choice_is_checked(monkeypatch):
+    with pytest.raises(ValueError, match="auto, torch, numba"):
+        quant.set_backend("fast")
+    x = torch.randn(2, 256)
+    old = quant.set_backend("numba")
+    try:
+        # plain element types never need a kernel
+        assert torch.equal(lib_gguf.quantize(x, "F16").view(torch.float16), x.half())
+        # a format with no compiled kernel (or no numba) is a clear error when numba is required
+        monkeypatch.setattr(quant_numba, "has_kernel", lambda type_id: False)
+        with pytest.raises(GGUFFormatError, match="Q4_K"):
+            lib_gguf.quantize(x, "Q4_K")
+    finally:
+        quant.set_backend(old)
+
+
+_THREADS_SCRIPT = """
+import sys, threading, torch
+sys.path.insert(0, sys.argv[1])
+import lib_gguf
+from lib_gguf import quant
+g = torch.Generator().manual_seed(5)
+xs = [torch.randn(64, 1024, generator=g) for _ in range(4)]
+quant.set_backend("torch")
+want = [lib_gguf.quantize(x, "Q4_K") for x in xs]
+quant.set_backend("numba")
+got = [None] * 4
+def work(i):
+    for _ in range(10):
+        got[i] = lib_gguf.quantize(xs[i], "Q4_K")
+ts = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+import numba
+print("layer", numba.threading_layer(), "same", all(torch.equal(a, b) for a, b in zip(got, want)))
+"""
+
+
+@pytest.mark.skipif(not quant_numba.available(), reason="numba is not installed")
+def test_compiled_kernels_from_several_threads():
+    """A web UI may convert in two threads at once; numba's workqueue threading layer
+    (the one every install has) aborts the process on concurrent parallel launches
+    unless the calls are serialised."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue")
+    r = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, str(Path(__file__).resolve().parents[1])],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0 and "layer workqueue same True" in r.stdout, r.stdout + r.stderr[-2000:]
