@@ -4,7 +4,11 @@ torch dequantizer and Forge's baked one, per format, on the CPU.
     python bench/dequant.py [--rows 3072 --cols 3072] [--threads 2] [--repeat 7]
                             [--comfy /work/ref/comfy-gguf/dequant.py]
                             [--forge /work/ref/forge/packages_3rdparty/gguf]
-                            [--formats Q4_0,Q4_K,...]
+                            [--formats Q4_0,Q4_K,...] [--backend auto|torch|numba]
+
+``ours`` is ``lib_gguf.dequantize`` as a user gets it (``--backend auto``: the
+compiled numba kernels for the lattice, ternary and FP4 formats when numba is
+installed); ``ours torch`` is the torch kernels alone, timed in the same rounds.
 
 Competitors are loaded by path from local copies (never copied into this repo):
 ComfyUI-GGUF's ``dequant.py`` as a standalone module, and Forge's modified gguf
@@ -136,7 +140,11 @@ def main(argv=None):
     ap.add_argument("--comfy", default="/work/ref/comfy-gguf/dequant.py")
     ap.add_argument("--forge", default="/work/ref/forge/packages_3rdparty/gguf")
     ap.add_argument("--formats", default="", help="comma-separated subset (default: every format we dequantize)")
+    ap.add_argument("--backend", default="auto", choices=["auto", "torch", "numba"])
     args = ap.parse_args(argv)
+    from lib_gguf import backend as bk, dequant_numba
+
+    bk.set_backend(args.backend)
 
     torch.set_num_threads(args.threads)
     comfy, comfy_err = load_comfy(args.comfy)
@@ -146,7 +154,8 @@ def main(argv=None):
     print(
         f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"numpy {np.__version__}, gguf {_gguf_version()}"
+        f"numpy {np.__version__}, gguf {_gguf_version()}, "
+        + (f"numba {__import__('numba').__version__}" if dequant_numba.available() else "no numba")
     )
     if comfy_err:
         print(f"ComfyUI-GGUF: {comfy_err}")
@@ -170,7 +179,8 @@ def main(argv=None):
     if wanted:
         names = [n_ for n_ in names if n_ in wanted]
 
-    hdr = "| format | source | ours | % of ceiling | ComfyUI | Forge | gguf numpy | ours/Comfy | ours/Forge | ours/numpy |"
+    hdr = ("| format | source | ours | ours torch | % of ceiling | ComfyUI | Forge | gguf numpy | ours/Comfy | "
+           "ours/Forge | ours/numpy |")
     print(hdr)
     print("|" + "---|" * (hdr.count("|") - 1))
     for name in names:
@@ -181,6 +191,16 @@ def main(argv=None):
         data = torch.from_numpy(np.ascontiguousarray(raw))
         shape = (rows, cols)
         fns = {"ours": lambda: dequantize(data, fmt.type_id, shape, torch.float16)}
+        compiled = args.backend != "torch" and dequant_numba.has_kernel(fmt.type_id)
+        if compiled:
+            def torch_only():
+                old = bk.set_backend("torch")
+                try:
+                    return dequantize(data, fmt.type_id, shape, torch.float16)
+                finally:
+                    bk.set_backend(old)
+
+            fns["torch"] = torch_only
         qt = gguf.GGMLQuantizationType[name] if name in gguf.GGMLQuantizationType.__members__ else None
         if comfy is not None and qt is not None and qt in comfy.dequantize_functions:
             fns["comfy"] = lambda: comfy.dequantize(data, qt, shape, dtype=torch.float16)
@@ -206,7 +226,8 @@ def main(argv=None):
             return f"{rate['ours'] / k_rate:.2f}x" if k_rate else "-"
 
         print(
-            f"| {name} | {source} | {rate['ours']:.0f} | {100 * rate['ours'] / ceiling:.0f}% | "
+            f"| {name} | {source} | {rate['ours']:.0f}{' (numba)' if compiled else ''} | "
+            f"{cell(rate.get('torch', rate['ours']))} | {100 * rate['ours'] / ceiling:.0f}% | "
             f"{cell(rate.get('comfy'))} | {cell(rate.get('forge'))} | {cell(np_rate)} | "
             f"{ratio(rate.get('comfy'))} | {ratio(rate.get('forge'))} | {ratio(np_rate)} |",
             flush=True,

@@ -12,8 +12,20 @@ from typing import Sequence
 
 import torch
 
+from . import backend as _bk
 from .errors import GGUFFormatError
 from .formats import GGMLType, dequantizer_for, get_format, register_dequantizer
+
+
+def _compiled(fmt, blocks: torch.Tensor, dtype: torch.dtype):
+    """The compiled kernel's values, or None when the torch kernel should run (the
+    legacy and K formats have none: their torch kernels are as fast)."""
+    if blocks.device.type != "cpu" or dtype not in (torch.float16, torch.float32):
+        return None
+    from . import dequant_numba
+
+    return _bk.try_compiled("dequantizer", fmt, dequant_numba.has_kernel,
+                            lambda: dequant_numba.run(fmt.type_id, blocks, fmt.block_size, dtype))
 
 
 def as_uint8(data) -> torch.Tensor:
@@ -50,7 +62,9 @@ def dequantize(data, qtype, shape: Sequence[int], dtype: torch.dtype = torch.flo
         )
     fn = dequantizer_for(fmt.type_id)
     blocks = data.reshape(n_blocks, fmt.type_size)
-    out = fn(blocks, dtype)
+    out = _compiled(fmt, blocks, dtype)
+    if out is None:
+        out = fn(blocks, dtype)
     return out.reshape(shape)
 
 

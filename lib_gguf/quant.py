@@ -9,63 +9,24 @@ The IQ, ternary and MXFP4 quantizers live in :mod:`lib_gguf.quant_iq`.
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
 from .errors import GGUFFormatError
+from . import backend as _bk
+from .backend import get_backend, set_backend  # noqa: F401  (lib_gguf.quant.set_backend)
 from .formats import GGMLType, get_format, quantizer_for, register_quantizer
 
 log = logging.getLogger(__name__)
 
-_BACKENDS = ("auto", "torch", "numba")
-_backend = os.environ.get("LIB_GGUF_QUANT_BACKEND", "auto").strip().lower() or "auto"
-if _backend not in _BACKENDS:
-    log.warning("LIB_GGUF_QUANT_BACKEND=%r is not one of %s; using auto", _backend, ", ".join(_BACKENDS))
-    _backend = "auto"
-_numba_failed: set = set()
-
-
-def set_backend(name: str) -> str:
-    """Choose how CPU tensors are quantized: ``"auto"`` (the compiled numba kernels
-    when numba is installed and compiles, else torch), ``"torch"`` or ``"numba"``
-    (an error when it cannot run). Returns the previous choice. Tensors on other
-    devices always take the torch kernels. Both give the same bytes."""
-    global _backend
-    name = str(name).strip().lower()
-    if name not in _BACKENDS:
-        raise ValueError(f"quantize backend must be one of {', '.join(_BACKENDS)}, got {name!r}")
-    old, _backend = _backend, name
-    return old
-
-
-def get_backend() -> str:
-    return _backend
-
-
 def _compiled(fmt, blocks: torch.Tensor):
     """The numba kernel's bytes, or None when the torch kernel should run."""
-    if (_backend == "torch" or not fmt.is_quantized or blocks.device.type != "cpu"
-            or blocks.dtype != torch.float32):
+    if not fmt.is_quantized or blocks.device.type != "cpu" or blocks.dtype != torch.float32:
         return None
     from . import quant_numba
 
-    if not quant_numba.has_kernel(fmt.type_id):
-        if _backend == "numba":
-            raise GGUFFormatError(f"no compiled (numba) quantizer for {fmt.name}"
-                                  + ("" if quant_numba.available() else ": numba is not installed"))
-        return None
-    if fmt.type_id in _numba_failed and _backend == "auto":
-        return None
-    try:
-        return quant_numba.run(fmt.type_id, blocks, fmt.type_size)
-    except Exception as e:  # a numba/llvmlite that does not compile here: fall back, once
-        if _backend == "numba":
-            raise
-        _numba_failed.add(fmt.type_id)
-        log.warning("compiled %s quantizer unavailable (%s: %s); using the torch one", fmt.name,
-                    type(e).__name__, e)
-        return None
+    return _bk.try_compiled("quantizer", fmt, quant_numba.has_kernel,
+                            lambda: quant_numba.run(fmt.type_id, blocks, fmt.type_size), required=True)
 
 
 def quantize(tensor: torch.Tensor, qtype, name: str | None = None) -> torch.Tensor:

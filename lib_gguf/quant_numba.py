@@ -871,8 +871,10 @@ def has_kernel(type_id: int) -> bool:
     if numba is None:
         return False
     if not _KERNELS:
-        _KERNELS.update(_table())
-        _TORCH_LEVEL.update(_lattice_table())
+        with _LOCK:  # two threads may ask first: both tables are filled before either is read
+            if not _KERNELS:
+                _TORCH_LEVEL.update(_lattice_table())
+                _KERNELS.update(_table())
     return int(type_id) in _KERNELS or int(type_id) in _TORCH_LEVEL
 
 

@@ -27,3 +27,15 @@ def oracle():
             pytest.fail(f"ggml oracle not found at {p} (CI must have ../shared/oracle)")
         pytest.skip(f"ggml oracle not found at {p}")
     return dict(np.load(p, allow_pickle=False))
+
+
+@pytest.fixture(params=["torch", "numba"])
+def backend(request):
+    """Run a test once on the torch kernels and once on the compiled (numba) ones."""
+    from lib_gguf import backend as bk, quant_numba
+
+    if request.param == "numba" and not quant_numba.available():
+        pytest.skip("numba is not installed")
+    old = bk.set_backend(request.param)
+    yield request.param
+    bk.set_backend(old)

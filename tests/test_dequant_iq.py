@@ -1,11 +1,12 @@
-"""IQ4_NL, IQ4_XS, TQ1_0, TQ2_0, MXFP4, NVFP4: bit-exact with gguf.quants.dequantize."""
+"""The IQ, ternary and FP4 formats: bit-exact with gguf.quants.dequantize, with the torch
+kernels and with the compiled (numba) ones."""
 import gguf
 import numpy as np
 import pytest
 import torch
 
 import lib_gguf
-from lib_gguf import get_format
+from lib_gguf import dequant_numba, get_format
 
 FORMATS = ["IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0", "MXFP4", "NVFP4", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S",
            "IQ1_S", "IQ1_M"]
@@ -42,8 +43,14 @@ def _check(name, raw):
     assert torch.equal(half, got.to(torch.float16))
 
 
+def _skip_without_kernel(name, backend):
+    if backend == "numba" and not dequant_numba.has_kernel(get_format(name).type_id):
+        pytest.skip(f"no compiled dequantizer for {name}: the torch one runs")
+
+
 @pytest.mark.parametrize("name", FORMATS)
-def test_random_bytes_match_gguf(name):
+def test_random_bytes_match_gguf(name, backend):
+    _skip_without_kernel(name, backend)
     if not _gguf_has(name):
         pytest.skip(f"this gguf ({getattr(gguf, '__version__', 'old')}) has no {name} dequantizer to compare with")
     _check(name, _random_blocks(name))
@@ -53,11 +60,37 @@ ORACLE_FORMATS = ["IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0", "IQ3_XXS", "IQ3_S", "IQ2
 
 
 @pytest.mark.parametrize("name", ORACLE_FORMATS)
-def test_ggml_made_blocks_match_gguf(oracle, name):
+def test_ggml_made_blocks_match_gguf(oracle, name, backend):
+    _skip_without_kernel(name, backend)
     if not _gguf_has(name):
         pytest.skip(f"this gguf has no {name} dequantizer to compare with")
     for kind in KINDS:
         _check(name, oracle[f"{kind}.{name}"].reshape(-1, get_format(name).type_size))
+
+
+@pytest.mark.skipif(not dequant_numba.available(), reason="numba is not installed")
+@pytest.mark.parametrize("name", [n for n in FORMATS if n not in ("IQ4_NL", "IQ4_XS")])
+def test_compiled_and_torch_kernels_agree_on_any_bytes(name):
+    """Every byte pattern, non-finite scales included: the same values (NaN where the
+    torch kernel gives NaN), in float32 and float16, across several parallel chunks."""
+    from lib_gguf import backend as bk
+
+    f = get_format(name)
+    raw = torch.from_numpy(np.random.default_rng(7).integers(0, 256, (1500, f.type_size), dtype=np.uint8))
+    shape = (3, 1500 * f.block_size // 3)
+    assert dequant_numba.has_kernel(f.type_id)
+    for dtype in (torch.float32, torch.float16):
+        old = bk.set_backend("torch")
+        try:
+            want = lib_gguf.dequantize(raw, name, shape, dtype)
+            bk.set_backend("numba")
+            got = lib_gguf.dequantize(raw, name, shape, dtype)
+        finally:
+            bk.set_backend(old)
+        assert got.shape == want.shape and got.dtype == dtype
+        nan = want.isnan()
+        assert torch.equal(got.isnan(), nan)
+        assert torch.equal(got[~nan], want[~nan])
 
 
 @pytest.mark.parametrize("name", FORMATS)
@@ -111,3 +144,37 @@ def test_ksigns_equal_gguf_py():
     ks = np.frombuffer(bytes(gguf.quants.IQ2_XXS.ksigns), dtype=np.uint8)
     bits = ((ks[:, None] >> np.arange(8)) & 1).astype(np.float32)
     assert torch.equal(ksigns(), torch.from_numpy(1 - 2 * bits))
+
+
+def test_compiled_dequantizer_failure_falls_back_to_torch(monkeypatch, caplog):
+    import logging
+
+    from lib_gguf import backend as bk
+
+    raw = torch.from_numpy(_random_blocks("IQ3_S", 16))
+    old = bk.set_backend("torch")
+    want = lib_gguf.dequantize(raw, "IQ3_S", (16 * 256,), torch.float16)
+    calls = []
+
+    def broken(*a, **k):
+        calls.append(1)
+        raise RuntimeError("LLVM could not compile")
+
+    monkeypatch.setattr(dequant_numba, "has_kernel", lambda type_id: True)
+    monkeypatch.setattr(dequant_numba, "run", broken)
+    monkeypatch.setattr(bk, "_failed", set())
+    try:
+        bk.set_backend("auto")
+        with caplog.at_level(logging.WARNING, logger="lib_gguf.backend"):
+            for _ in range(2):
+                assert torch.equal(lib_gguf.dequantize(raw, "IQ3_S", (16 * 256,), torch.float16), want)
+        assert len(calls) == 1 and "IQ3_S" in caplog.text
+        # bfloat16 output and the torch choice never reach the compiled kernels
+        bk.set_backend("numba")
+        bk._failed.clear()
+        lib_gguf.dequantize(raw, "IQ3_S", (16 * 256,), torch.bfloat16)
+        assert len(calls) == 1
+        with pytest.raises(RuntimeError, match="LLVM"):
+            lib_gguf.dequantize(raw, "IQ3_S", (16 * 256,), torch.float16)
+    finally:
+        bk.set_backend(old)

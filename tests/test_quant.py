@@ -9,7 +9,7 @@ import torch
 
 import lib_gguf
 from lib_gguf import GGUFFormatError, get_format
-from lib_gguf import quant, quant_numba
+from lib_gguf import backend as bk, quant, quant_numba
 from lib_gguf.formats import _QUANTIZERS, _load_kernels
 
 KINDS = ["normal", "weights", "laplace_outliers", "positive", "negative", "sparse_zero_const_rows", "tiny", "huge",
@@ -17,16 +17,6 @@ KINDS = ["normal", "weights", "laplace_outliers", "positive", "negative", "spars
 _load_kernels()
 ORACLE_FORMATS = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL",
                   "IQ4_XS", "TQ1_0", "TQ2_0", "IQ3_XXS", "IQ3_S", "IQ2_S", "IQ1_M"]
-
-
-@pytest.fixture(params=["torch", "numba"])
-def backend(request):
-    """Each byte test runs once on the torch kernels and once on the compiled ones."""
-    if request.param == "numba" and not quant_numba.available():
-        pytest.skip("numba is not installed")
-    old = quant.set_backend(request.param)
-    yield request.param
-    quant.set_backend(old)
 
 
 def _skip_without_kernel(fmt, backend):
@@ -179,15 +169,15 @@ def test_compiled_kernel_failure_falls_back_to_torch(monkeypatch, caplog):
 
     monkeypatch.setattr(quant_numba, "has_kernel", lambda type_id: True)
     monkeypatch.setattr(quant_numba, "run", broken)
-    monkeypatch.setattr(quant, "_numba_failed", set())
+    monkeypatch.setattr(bk, "_failed", set())
     try:
-        with caplog.at_level(logging.WARNING, logger="lib_gguf.quant"):
+        with caplog.at_level(logging.WARNING, logger="lib_gguf.backend"):
             assert torch.equal(lib_gguf.quantize(x, "Q4_K"), want)
             assert torch.equal(lib_gguf.quantize(x, "Q4_K"), want)
         assert len(calls) == 1, "a kernel that failed once is not tried again"
         assert "Q4_K" in caplog.text and "torch" in caplog.text
         quant.set_backend("numba")  # asked for explicitly: the failure is not hidden
-        quant._numba_failed.clear()
+        bk._failed.clear()
         with pytest.raises(RuntimeError, match="LLVM"):
             lib_gguf.quantize(x, "Q4_K")
     finally:
@@ -217,26 +207,36 @@ import lib_gguf
 from lib_gguf import quant
 g = torch.Generator().manual_seed(5)
 xs = [torch.randn(64, 1024, generator=g) for _ in range(4)]
+raw = torch.randint(0, 256, (256, 110), dtype=torch.uint8, generator=g)
+raw[:, :2] = torch.tensor([0x00, 0x14], dtype=torch.uint8)  # a finite fp16 scale
 quant.set_backend("torch")
 want = [lib_gguf.quantize(x, "Q4_K") for x in xs]
+want_dq = lib_gguf.dequantize(raw, "IQ3_S", (256, 256))
 quant.set_backend("numba")
 got = [None] * 4
+got_dq = [None] * 2
 def work(i):
     for _ in range(10):
         got[i] = lib_gguf.quantize(xs[i], "Q4_K")
+def work_dq(i):  # dequantizing (another module's kernels) at the same time
+    for _ in range(20):
+        got_dq[i] = lib_gguf.dequantize(raw, "IQ3_S", (256, 256))
 ts = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+ts += [threading.Thread(target=work_dq, args=(i,)) for i in range(2)]
 [t.start() for t in ts]
 [t.join() for t in ts]
 import numba
-print("layer", numba.threading_layer(), "same", all(torch.equal(a, b) for a, b in zip(got, want)))
+same = all(torch.equal(a, b) for a, b in zip(got, want)) and all(torch.equal(d, want_dq) for d in got_dq)
+print("layer", numba.threading_layer(), "same", same)
 """
 
 
 @pytest.mark.skipif(not quant_numba.available(), reason="numba is not installed")
 def test_compiled_kernels_from_several_threads():
-    """A web UI may convert in two threads at once; numba's workqueue threading layer
-    (the one every install has) aborts the process on concurrent parallel launches
-    unless the calls are serialised."""
+    """A web UI may convert in two threads at once, or load a model while baking; numba's
+    workqueue threading layer (the one every install has) aborts the process on
+    concurrent parallel launches unless every compiled kernel, quantizer or
+    dequantizer, takes the same lock."""
     import os
     import subprocess
     import sys
