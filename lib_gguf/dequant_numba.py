@@ -280,9 +280,26 @@ def _tq2_0(r, tmp, grid, ksign):
 E2M1 = np.array((0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12), dtype=np.float32)
 
 
+
+def _e8m0_half_table():
+    """UE8M0 scale byte -> 2**(e - 128), half its value (the E2M1 values are doubled), exact."""
+    return np.array([np.ldexp(1.0, e - 128) for e in range(256)], dtype=np.float32)
+
+
+def _ue4m3_half_table():
+    """Unsigned E4M3 scale byte -> half its value (0 for 0x00 and the NaN code 0x7F), exact."""
+    t = np.zeros(256, dtype=np.float32)
+    for x in range(256):
+        e, m = (x >> 3) & 0xF, x & 7
+        if x in (0, 0x7F):
+            continue
+        t[x] = (m * 2.0 ** -9 if e == 0 else (1.0 + m / 8.0) * 2.0 ** (e - 7)) * 0.5
+    return t
+
+
 @_jit
-def _mxfp4(r, tmp, grid, ksign):
-    d = _f(2.0 ** (np.int64(r[0]) - 128))           # half the E8M0 scale, exact
+def _mxfp4(r, tmp, scale, ksign):
+    d = scale[r[0]]
     for j in range(16):
         q = np.int64(r[1 + j])
         tmp[j] = _f(d * E2M1[q & 0xF])
@@ -290,23 +307,9 @@ def _mxfp4(r, tmp, grid, ksign):
 
 
 @_jit
-def _ue4m3_half(x):
-    x = np.int64(x)
-    e = (x >> 3) & 0xF
-    m = x & 7
-    if x == 0 or x == 0x7F:
-        return _f(0.0)
-    if e == 0:
-        raw = np.float64(m) * 2.0 ** -9
-    else:
-        raw = (1.0 + np.float64(m) / 8.0) * 2.0 ** (e - 7)
-    return _f(raw * 0.5)
-
-
-@_jit
-def _nvfp4(r, tmp, grid, ksign):
+def _nvfp4(r, tmp, scale, ksign):
     for s in range(4):
-        d = _ue4m3_half(r[s])
+        d = scale[r[s]]
         for j in range(8):
             q = np.int64(r[4 + 8 * s + j])
             tmp[16 * s + j] = _f(d * E2M1[q & 0xF])
@@ -340,7 +343,7 @@ _DUMMY = np.zeros((1, 1), dtype=np.float32)
 
 
 def _kernels():
-    """type id -> (block function, blocks a work item, grid, ksign)."""
+    """type id -> (block function, blocks a work item, grid or scale table, ksign)."""
     from .formats import GGMLType as T
 
     t = _tables()
@@ -351,8 +354,8 @@ def _kernels():
         (T.IQ1_M, _iq1_m, "IQ1_S"))}
     k[int(T.TQ1_0)] = (_tq1_0, _CHUNK, _DUMMY, ks)
     k[int(T.TQ2_0)] = (_tq2_0, _CHUNK, _DUMMY, ks)
-    k[int(T.MXFP4)] = (_mxfp4, _CHUNK * 8, _DUMMY, ks)    # 32-weight blocks
-    k[int(T.NVFP4)] = (_nvfp4, _CHUNK * 4, _DUMMY, ks)    # 64-weight blocks
+    k[int(T.MXFP4)] = (_mxfp4, _CHUNK * 8, _e8m0_half_table(), ks)    # 32-weight blocks
+    k[int(T.NVFP4)] = (_nvfp4, _CHUNK * 4, _ue4m3_half_table(), ks)   # 64-weight blocks
     return k
 
 

@@ -93,6 +93,31 @@ def test_compiled_and_torch_kernels_agree_on_any_bytes(name):
         assert torch.equal(got[~nan], want[~nan])
 
 
+@pytest.mark.skipif(not dequant_numba.available(), reason="numba is not installed")
+@pytest.mark.parametrize("name", ["MXFP4", "NVFP4"])
+def test_compiled_fp4_scales_equal_torch_for_every_scale_byte(name):
+    """The compiled FP4 kernels read their scales from 256-entry tables: every byte,
+    subnormal, NaN-code and extreme ones included, gives the torch kernel's values."""
+    from lib_gguf import backend as bk
+
+    f = get_format(name)
+    raw = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (256, f.type_size), dtype=np.uint8))
+    if name == "MXFP4":
+        raw[:, 0] = torch.arange(256, dtype=torch.uint8)
+    else:
+        raw[:, :4] = torch.arange(256, dtype=torch.uint8)[:, None]
+    shape = (256, f.block_size)
+    old = bk.set_backend("torch")
+    try:
+        want = lib_gguf.dequantize(raw, name, shape, torch.float32)
+        bk.set_backend("numba")
+        got = lib_gguf.dequantize(raw, name, shape, torch.float32)
+    finally:
+        bk.set_backend(old)
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got[~want.isnan()], want[~want.isnan()])
+
+
 @pytest.mark.parametrize("name", FORMATS)
 def test_runs_everywhere_with_right_shapes(name):
     f = get_format(name)
