@@ -89,7 +89,7 @@ _FALLBACK: Dict[str, List[str]] = {
     "Q2_K": ["Q5_0"], "Q3_K": ["Q5_0"], "Q4_K": ["Q5_0"], "Q5_K": ["Q5_1"], "Q6_K": ["Q8_0"],
     "IQ4_XS": ["IQ4_NL", "Q5_0"], "IQ3_XXS": ["IQ4_NL", "Q5_0"], "IQ3_S": ["IQ4_NL", "Q5_0"],
     "IQ2_S": ["IQ4_NL", "Q5_0"], "IQ1_M": ["IQ4_NL", "Q5_0"],
-    "TQ1_0": ["Q4_0"], "TQ2_0": ["Q4_0"],
+    "TQ1_0": ["Q4_0"], "TQ2_0": ["Q4_0"], "MXFP4": ["Q4_0"],
 }
 
 # preset -> (base format, mix) where mix is "" / "S" (base only), "M" (raise some
@@ -104,6 +104,10 @@ PRESETS: Dict[str, Tuple[str, str]] = {
     "IQ4_NL": ("IQ4_NL", ""), "IQ4_XS": ("IQ4_XS", ""),
     "Q3_K_S": ("Q3_K", "S"), "Q3_K_M": ("Q3_K", "M"), "Q3_K_L": ("Q3_K", "L"),
     "Q2_K": ("Q2_K", "M"),
+    # every other format we quantize without an importance matrix, whole: for trying
+    # the low-bit formats on a model (they lose much more than the K-quants without one)
+    "IQ3_S": ("IQ3_S", ""), "IQ3_XXS": ("IQ3_XXS", ""), "IQ2_S": ("IQ2_S", ""), "IQ1_M": ("IQ1_M", ""),
+    "TQ2_0": ("TQ2_0", ""), "TQ1_0": ("TQ1_0", ""), "MXFP4": ("MXFP4", ""),
 }
 
 

@@ -168,3 +168,18 @@ def test_cli_convert_inspect_presets(tmp_path, flux_file):
     r = subprocess.run([sys.executable, "-m", "lib_gguf", "convert", str(tmp_path / "missing.safetensors"),
                         str(tmp_path / "x.gguf")], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2 and "missing.safetensors" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("preset,max_err", [("IQ3_S", 0.25), ("IQ1_M", 0.7), ("TQ2_0", 0.9), ("MXFP4", 0.2)])
+def test_low_bit_presets_convert_and_read_back(tmp_path, flux_file, flux_sd, preset, max_err):
+    """The lattice, ternary and FP4 formats as whole-model presets: the blocks' weights
+    in that format (sensitive layers, norms and biases kept high), readable by gguf's
+    own reader, and as close to the source as the format allows."""
+    dst = tmp_path / f"flux-{preset}.gguf"
+    summary = convert(flux_file, dst, preset)
+    assert summary.formats.get(preset, 0) > 0 and set(summary.formats) <= {preset, "BF16", "F32"}
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(dst)).tensors}
+    name = "double_blocks.0.img_attn.qkv.weight"
+    assert types[name] == preset and types["img_in.weight"] == "BF16"
+    w = lib_gguf.load_state_dict(dst)[name]
+    assert _rel_err(w.dequantize(torch.float32), flux_sd[name].to(torch.bfloat16)) < max_err

@@ -69,6 +69,8 @@ def test_m_mix_raises_ffn_down_in_some_layers_l_mix_in_all():
     ("Q4_K_S", 4544, "Q5_0"), ("Q2_K", 4544, "Q5_0"), ("Q3_K_S", 4544, "Q5_0"),
     ("Q5_K_S", 4544, "Q5_1"), ("Q6_K", 4544, "Q8_0"), ("Q4_0", 4544, "Q4_0"),
     ("Q4_K_S", 100, "F16"), ("Q8_0", 100, "F16"),
+    ("IQ3_S", 4544, "IQ4_NL"), ("IQ1_M", 4544, "IQ4_NL"), ("TQ2_0", 4544, "Q4_0"), ("MXFP4", 4544, "MXFP4"),
+    ("MXFP4", 100, "F16"),
 ])
 def test_rows_the_block_does_not_divide_fall_back(preset, row, expected):
     """The Falcon 4544 lesson: never an assertion, always the nearest format that fits."""
@@ -110,3 +112,13 @@ def test_bad_rules_and_presets_are_clear_errors(tmp_path):
 
 def test_count_layers_per_block_list():
     assert count_layers(flux_shapes(FULL_FLUX)) == {"double_blocks": 19, "single_blocks": 38}
+
+
+def test_every_format_quantized_without_an_imatrix_has_a_preset():
+    """What the converter offers covers what lib_gguf can quantize."""
+    from lib_gguf.formats import FORMATS
+
+    bases = {base for base, _ in PRESETS.values()}
+    missing = [f.name for f in FORMATS.values()
+               if f.is_quantized and f.can_quantize and f.name not in bases]
+    assert not missing
