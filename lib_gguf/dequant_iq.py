@@ -111,32 +111,41 @@ def _iq4_xs(blocks: torch.Tensor):
     return dl[:, :, None, None], vals
 
 
+def _pow3(device) -> torch.Tensor:
+    """(5, 1) uint8: 1, 3, 9, 27, 81."""
+    key = ("pow3", str(device))
+    t = _tables.get(key)
+    if t is None:
+        t = torch.tensor([[1], [3], [9], [27], [81]], dtype=torch.uint8, device=device)
+        _tables[key] = t
+    return t
+
+
 @register_dequantizer(GGMLType.TQ1_0)
 @_in_chunks(256)
 def _tq1_0(blocks: torch.Tensor):
+    """Base-3 digits: a byte times 3**k (uint8 arithmetic, so mod 256) brings digit k
+    to the top, and ``(x * 3) >> 8`` reads it, here as ``floor(x * 3/256)`` in
+    float32 (exact: x has 8 bits, 3/256 two). Minus one: the ternary value."""
     n = blocks.shape[0]
-    dev = blocks.device
-    qs, qh, d = blocks[:, :48], blocks[:, 48:52], _f16(blocks[:, 52:54])
-    # base-3 digits: multiplying a byte by 3**k (mod 256) brings digit k to the top
-    p5 = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int32, device=dev)
-    p4 = p5[:4]
-    q0 = (qs[:, :32].to(torch.int32)[:, None, :] * p5[None, :, None]) & 0xFF  # (n, 5, 32)
-    q1 = (qs[:, 32:48].to(torch.int32)[:, None, :] * p5[None, :, None]) & 0xFF  # (n, 5, 16)
-    q2 = (qh.to(torch.int32)[:, None, :] * p4[None, :, None]) & 0xFF  # (n, 4, 4)
-    q = torch.cat([q0.reshape(n, -1), q1.reshape(n, -1), q2.reshape(n, -1)], dim=1)
-    t = ((q * 3) >> 8) - 1
-    return d, t.to(torch.float32)
+    p = _pow3(blocks.device)
+    q = torch.cat([(blocks[:, None, :32] * p).reshape(n, 160),       # 32 bytes x 5 digits
+                   (blocks[:, None, 32:48] * p).reshape(n, 80),      # 16 bytes x 5 digits
+                   (blocks[:, None, 48:52] * p[:4]).reshape(n, 16)],  # 4 bytes x 4 digits
+                  dim=1)
+    t = q.to(torch.float32).mul_(3.0 / 256.0).floor_().sub_(1.0)
+    return _f16(blocks[:, 52:54]), t
 
 
 @register_dequantizer(GGMLType.TQ2_0)
 @_in_chunks(256)
 def _tq2_0(blocks: torch.Tensor):
+    from .dequant import _unpack
+
     n = blocks.shape[0]
-    qs, d = blocks[:, :64], _f16(blocks[:, 64:66])
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=blocks.device)
-    q = (qs.reshape(n, 2, 1, 32) >> shifts.reshape(1, 1, 4, 1)) & 0x03
-    t = q.reshape(n, 256).to(torch.int32) - 1
-    return d, t.to(torch.float32)
+    q = _unpack(blocks[:, :64].reshape(n, 2, 32), (0, 2, 4, 6), 0x03)  # (n, 2, 4, 32) 2-bit codes
+    t = q.to(torch.float32).sub_(1.0)
+    return _f16(blocks[:, 64:66]).reshape(n, 1, 1, 1), t
 
 
 def _e8m0_half(e: torch.Tensor) -> torch.Tensor:
