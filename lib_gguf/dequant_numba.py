@@ -1,6 +1,6 @@
 """Optional compiled dequantizers (numba) for CPU tensors, for the formats whose torch
-kernels are bound by table lookups: the lattice IQ formats, the ternary formats and
-the FP4 formats.
+kernels are slowest on a CPU (table lookups, many small passes): the lattice IQ
+formats, the ternary formats and the FP4 formats.
 
 Same values as the torch kernels in :mod:`lib_gguf.dequant_iq`, bit for bit: each
 output is one float32 product of the block or sub-block scale and an exact table
