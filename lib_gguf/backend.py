@@ -48,30 +48,30 @@ def get_backend() -> str:
 _failed: set = set()  # (what, type id) of compiled kernels that raised once: torch from then on
 
 
-def try_compiled(what: str, fmt, has_kernel, run, *, required: bool = False):
-    """The result of ``run()``, a compiled kernel for ``fmt`` (``what``: "quantizer" or
-    "dequantizer"), or None when the torch kernel should run instead: the choice is
-    "torch", ``has_kernel(type_id)`` says there is none, or it raised before (then it is
-    logged once and not tried again under "auto"). Under "numba" a failure is raised,
-    and so is a missing kernel when ``required``. The caller has checked the device
-    and dtypes."""
+def try_compiled(what: str, fmt, load, run, *, required: bool = False):
+    """The result of ``run(module)``, a compiled kernel for ``fmt`` (``what``:
+    "quantizer" or "dequantizer"; ``load()`` imports the module of compiled kernels,
+    which has ``has_kernel`` and ``available``), or None when the torch kernel should
+    run instead: the choice is "torch" (then nothing is imported), the module has no
+    kernel for ``fmt``, or the kernel raised before (then it is logged once and not
+    tried again under "auto"). Under "numba" a failure is raised, and so is a missing
+    kernel when ``required``. The caller has checked the device and dtypes."""
     from .errors import GGUFFormatError
 
     choice = _backend
     if choice == "torch":
         return None
-    if not has_kernel(fmt.type_id):
+    mod = load()
+    if not mod.has_kernel(fmt.type_id):
         if required and choice == "numba":
-            from . import quant_numba
-
             raise GGUFFormatError(f"no compiled (numba) {what} for {fmt.name}"
-                                  + ("" if quant_numba.available() else ": numba is not installed"))
+                                  + ("" if mod.available() else ": numba is not installed"))
         return None
     key = (what, fmt.type_id)
     if key in _failed and choice == "auto":
         return None
     try:
-        return run()
+        return run(mod)
     except Exception as e:  # a numba/llvmlite that does not compile here: fall back, once
         if choice == "numba":
             raise

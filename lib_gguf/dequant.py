@@ -17,16 +17,28 @@ from .errors import GGUFFormatError
 from .formats import GGMLType, dequantizer_for, get_format, register_dequantizer
 
 
+# The formats with a compiled dequantizer (lib_gguf.dequant_numba); the legacy, K-quant
+# and IQ4 formats have none: their torch kernels already beat the other torch
+# dequantizers by 1.5-6x (bench/dequant.py). Checked here, so that a model without
+# these formats never imports numba.
+COMPILED_TYPES = frozenset(int(t) for t in (
+    GGMLType.IQ2_XXS, GGMLType.IQ2_XS, GGMLType.IQ2_S, GGMLType.IQ3_XXS, GGMLType.IQ3_S, GGMLType.IQ1_S,
+    GGMLType.IQ1_M, GGMLType.TQ1_0, GGMLType.TQ2_0, GGMLType.MXFP4, GGMLType.NVFP4))
+
+
 def _compiled(fmt, blocks: torch.Tensor, dtype: torch.dtype):
-    """The compiled kernel's values, or None when the torch kernel should run (the
-    legacy, K-quant and IQ4 formats have none: their torch kernels already beat the
-    other torch dequantizers by 1.5-6x; see bench/dequant.py)."""
-    if blocks.device.type != "cpu" or dtype not in (torch.float16, torch.float32):
+    """The compiled kernel's values, or None when the torch kernel should run."""
+    if (fmt.type_id not in COMPILED_TYPES or blocks.device.type != "cpu"
+            or dtype not in (torch.float16, torch.float32)):
         return None
+    return _bk.try_compiled("dequantizer", fmt, _dequant_numba,
+                            lambda m: m.run(fmt.type_id, blocks, fmt.block_size, dtype))
+
+
+def _dequant_numba():
     from . import dequant_numba
 
-    return _bk.try_compiled("dequantizer", fmt, dequant_numba.has_kernel,
-                            lambda: dequant_numba.run(fmt.type_id, blocks, fmt.block_size, dtype))
+    return dequant_numba
 
 
 def as_uint8(data) -> torch.Tensor:

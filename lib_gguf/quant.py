@@ -23,10 +23,14 @@ def _compiled(fmt, blocks: torch.Tensor):
     """The numba kernel's bytes, or None when the torch kernel should run."""
     if not fmt.is_quantized or blocks.device.type != "cpu" or blocks.dtype != torch.float32:
         return None
+    return _bk.try_compiled("quantizer", fmt, _quant_numba,
+                            lambda m: m.run(fmt.type_id, blocks, fmt.type_size), required=True)
+
+
+def _quant_numba():
     from . import quant_numba
 
-    return _bk.try_compiled("quantizer", fmt, quant_numba.has_kernel,
-                            lambda: quant_numba.run(fmt.type_id, blocks, fmt.type_size), required=True)
+    return quant_numba
 
 
 def quantize(tensor: torch.Tensor, qtype, name: str | None = None) -> torch.Tensor:

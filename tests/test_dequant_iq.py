@@ -203,3 +203,36 @@ def test_compiled_dequantizer_failure_falls_back_to_torch(monkeypatch, caplog):
             lib_gguf.dequantize(raw, "IQ3_S", (16 * 256,), torch.float16)
     finally:
         bk.set_backend(old)
+
+
+@pytest.mark.skipif(not dequant_numba.available(), reason="numba is not installed")
+def test_compiled_type_list_matches_the_compiled_kernels():
+    from lib_gguf import dequant
+
+    assert set(dequant_numba._kernels()) == set(dequant.COMPILED_TYPES)
+
+
+_NO_NUMBA_SCRIPT = """
+import os, sys, torch
+sys.path.insert(0, sys.argv[1])
+import lib_gguf
+lib_gguf.dequantize(torch.zeros(4 * 144, dtype=torch.uint8), "Q4_K", (4, 256))   # no compiled kernel
+lib_gguf.quantize(torch.randn(2, 256), "F16")                                    # a plain type
+print("after K-quant", "numba" in sys.modules)
+from lib_gguf import backend; backend.set_backend("torch")
+lib_gguf.dequantize(torch.zeros(4 * 110, dtype=torch.uint8), "IQ3_S", (4, 256))
+lib_gguf.quantize(torch.randn(2, 256), "Q4_K")
+print("after torch choice", "numba" in sys.modules)
+"""
+
+
+def test_numba_is_imported_only_when_a_compiled_kernel_may_run():
+    """A Q4_K model, or the torch choice, never pays for importing numba."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    r = subprocess.run([sys.executable, "-c", _NO_NUMBA_SCRIPT, str(Path(__file__).resolve().parents[1])],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "after K-quant False" in r.stdout and "after torch choice False" in r.stdout, r.stdout
