@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import weakref
 from typing import Any, Dict, List, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -31,27 +32,47 @@ if ROOT not in sys.path:
 
 log = logging.getLogger("forge_gguf_lora")
 
-_state: Dict[str, Any] = {"registered": False, "patched": []}
+_state: Dict[str, Any] = {"registered": False, "patched": [], "loaders": weakref.WeakSet()}
 
 
-def _load_gguf_for_forge(path: str):
+_FLOAT_NAMES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64"}
+
+
+def _load_gguf_for_forge(path: str, original, args, kwargs):
+    """A ``.gguf`` file as Forge's loader wants it. Quantized tensors are our
+    ``GGUFParameter``\\ s; float tensors stay plain ``Parameter``\\ s in the file's own
+    dtype (Forge's LoRA merge writes back into them), each carrying ``gguf_cls = None``
+    as Forge's own ones do, so that ``state_dict_dtype`` still calls the checkpoint
+    GGUF (else Forge picks a storage dtype of its own: float32 on a CPU, bfloat16 on
+    recent GPUs, and rounds or doubles the file's F16 weights) and ``gguf_float_format``
+    (its file format, for the per-format LoRA option). A file our reader refuses goes
+    to Forge's own loader, with a warning: a load never fails because of us."""
     import torch
 
     from lib_gguf import load_state_dict
 
-    sd = load_state_dict(path)
+    try:
+        sd = load_state_dict(path)
+    except Exception as e:
+        log.warning("%s: not readable by forge-gguf-lora (%s); Forge's own GGUF loader takes it", path, e)
+        return original(path, *args, **kwargs)
     out = {}
     for k, v in sd.items():
-        if getattr(v, "gguf_cls", None) is None and not isinstance(v, torch.nn.Parameter):
-            v = torch.nn.Parameter(v, requires_grad=False)
+        if getattr(v, "gguf_cls", None) is None:
+            if not isinstance(v, torch.nn.Parameter):
+                v = torch.nn.Parameter(v, requires_grad=False)
+            v.gguf_cls = None
+            v.gguf_float_format = _FLOAT_NAMES.get(str(v.dtype).replace("torch.", ""), str(v.dtype))
         out[k] = v
+    if kwargs.get("return_metadata"):  # Forge Neo asks; its own loader has none for GGUF files
+        return out, None
     return out
 
 
 def _make_loader(original):
     def load_torch_file(ckpt, *args, **kwargs):
-        if isinstance(ckpt, str) and ckpt.lower().endswith(".gguf"):
-            return _load_gguf_for_forge(ckpt)
+        if isinstance(ckpt, (str, os.PathLike)) and os.fspath(ckpt).lower().endswith(".gguf"):
+            return _load_gguf_for_forge(os.fspath(ckpt), original, args, kwargs)
         return original(ckpt, *args, **kwargs)
 
     load_torch_file.__wrapped__ = original
@@ -59,26 +80,61 @@ def _make_loader(original):
     return load_torch_file
 
 
-def forge_patches_to_lib_lora(key: str, patches) -> Tuple[List[tuple], List]:
-    """Split Forge's patch list for one weight into (lib_lora patches with strengths,
-    patches left to Forge). Only plain low-rank LoRAs (no mid, no DoRA, strength_model
-    1, no function, offsets along the output dim) run as deltas."""
+def _patch_parts(p):
+    """``(strength, v, strength_model, offset, function)`` of one host patch."""
+    strength_patch, v, strength_model, offset, function = (list(p) + [None] * 5)[:5]
+    return strength_patch, v, strength_model, offset, function
+
+
+def _lowrank_factors(v):
+    """``(up, down, alpha)`` when ``v`` (a host patch's payload) is a plain low-rank
+    LoRA: Forge's ``("lora", (up, down, alpha, mid, dora_scale))`` tuple, or a
+    ComfyUI-style weight adapter (Forge Neo's ``LoRAAdapter``, ``.weights`` =
+    ``(up, down, alpha, mid, dora_scale, reshape)``). None for anything else (LoHa,
+    LoKr, DoRA, a mid factor, a reshape, full diffs): those are left to the host."""
     import torch
 
+    if isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str):
+        if v[0] != "lora":
+            return None
+        payload = list(v[1]) + [None] * 6
+    elif hasattr(v, "weights") and type(v).__name__ == "LoRAAdapter":
+        payload = list(v.weights) + [None] * 6
+    else:
+        return None
+    up, down, alpha, mid, dora, reshape = payload[:6]
+    if mid is not None or dora is not None or reshape is not None:
+        return None
+    if not (isinstance(up, torch.Tensor) and isinstance(down, torch.Tensor)):
+        return None
+    return up, down, alpha
+
+
+def patch_kind(p) -> str:
+    """A host patch's kind, for messages: "lora", "loha", "lokr", "diff", ..."""
+    v = _patch_parts(p)[1]
+    if isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str):
+        return v[0]
+    return str(getattr(v, "name", type(v).__name__))
+
+
+def forge_patches_to_lib_lora(key: str, patches) -> Tuple[List[tuple], List]:
+    """Split the host's patch list for one weight into (lib_lora patches with strengths,
+    patches left to the host). Only plain low-rank LoRAs (no mid, no DoRA, strength_model
+    1, no function, offsets along the output dim) run as deltas; both Forge's tuples and
+    Forge Neo's weight adapters are read."""
     from lib_lora.loader import Patch
 
     ours, theirs = [], []
     for p in patches:
-        strength_patch, v, strength_model, offset, function = (list(p) + [None] * 5)[:5]
-        kind, payload = (v[0], v[1]) if isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str) else (None, v)
-        simple = (kind == "lora" and function is None and (strength_model in (None, 1.0))
+        strength_patch, v, strength_model, offset, function = _patch_parts(p)
+        factors = _lowrank_factors(v)
+        simple = (factors is not None and function is None and (strength_model in (None, 1.0))
                   and (offset is None or offset[0] == 0))
-        if simple:
-            up, down, alpha, mid, dora = (list(payload) + [None] * 5)[:5]
-            simple = mid is None and dora is None and isinstance(up, torch.Tensor) and isinstance(down, torch.Tensor)
         if not simple:
             theirs.append(p)
             continue
+        up, down, alpha = factors
         sl = None if offset is None else (0, int(offset[1]), int(offset[2]))
         ours.append((Patch(key, "lora", {"up": up, "down": down}, None if alpha is None else float(alpha), None, sl,
                            key), float(strength_patch)))
@@ -119,63 +175,231 @@ def _options():
     return opts
 
 
-def last_modes() -> Dict[str, str]:
-    """Per GGUF format, the LoRA mode(s) the last refresh used (``"merge"``,
-    ``"runtime"`` or ``"merge+runtime"``): what the infotext records."""
-    return dict(_state.get("modes", {}))
+def _loaders_of(sd_model) -> list:
+    """The LoRA loaders of a Forge model's parts (UNet/transformer, text encoders, VAE);
+    of a single part when given one (a ``ModelPatcher``, or a module with its loader)."""
+    if not hasattr(sd_model, "forge_objects") and hasattr(sd_model, "lora_loader"):
+        return [sd_model.lora_loader]
+    fo = getattr(sd_model, "forge_objects", None)
+    out = []
+    for name in ("unet", "clip", "vae"):
+        obj = getattr(fo, name, None)
+        patcher = obj if hasattr(obj, "lora_loader") else getattr(obj, "patcher", None)
+        loader = getattr(patcher, "lora_loader", None)
+        if loader is not None and loader not in out:
+            out.append(loader)
+    return out
 
 
-def _decide(loader, key: str, plist, online: bool, opts, modes: Dict[str, set]) -> bool:
-    """Whether this weight's patches go to run time (True) or are merged (False),
-    by the user's choice for the weight's format; float weights keep Forge's choice."""
-    from backend import utils as butils
+def _patchers_of(sd_model) -> list:
+    fo = getattr(sd_model, "forge_objects", None)
+    out = []
+    for name in ("unet", "clip", "vae"):
+        obj = getattr(fo, name, None)
+        patcher = obj if hasattr(obj, "lora_loader") else getattr(obj, "patcher", None)
+        if patcher is not None and hasattr(patcher, "refresh_loras"):
+            out.append(patcher)
+    return out
 
-    # the weight as loaded: Forge restores its backup before merging again
+
+def last_modes(sd_model=None) -> Dict[str, str]:
+    """Per GGUF format, the LoRA mode(s) in use (``"merge"``, ``"runtime"`` or
+    ``"merge+runtime"``): what the infotext records. Each LoRA loader keeps the modes
+    of its own last refresh (a model reloaded with the same patches keeps them, a VAE
+    without GGUF weights adds none); ``sd_model``: only that model's parts."""
+    loaders = _loaders_of(sd_model) if sd_model is not None else list(_state["loaders"])
+    merged: Dict[str, set] = {}
+    for loader in loaders:
+        for fmt, mode in (getattr(loader, "_gguf_modes", None) or {}).items():
+            merged.setdefault(fmt, set()).update(mode.split("+"))
+    return {k: "+".join(sorted(v)) for k, v in sorted(merged.items())}
+
+
+def options_signature(opts=None) -> str:
+    return repr((opts if opts is not None else _options()).to_dict())
+
+
+def apply_options_now(sd_model) -> int:
+    """Re-apply the LoRAs of the parts of ``sd_model`` that Forge keeps loaded, when
+    the options (the tab's, Forge's settings or a pasted infotext's modes) changed
+    since their last refresh: Forge refreshes LoRAs only when it loads a model, and
+    an unchanged LoRA set loads nothing. Called before each batch. Returns how many
+    parts were refreshed."""
+    sig = options_signature()
+    try:
+        from backend import memory_management as mm
+
+        loaded = {id(getattr(lm, "model", None)) for lm in getattr(mm, "current_loaded_models", [])}
+    except Exception:
+        loaded = set()
+    n = 0
+    for patcher in _patchers_of(sd_model):
+        loader = patcher.lora_loader
+        old = getattr(loader, "_gguf_options_sig", None)
+        if old is None or old == sig or id(patcher) not in loaded:
+            continue  # never refreshed by us, up to date, or refreshed when Forge loads it
+        patcher.refresh_loras()
+        n += 1
+    if n:
+        log.info("GGUF LoRA: options changed: LoRAs re-applied to %d loaded model part(s)", n)
+    return n
+
+
+def _layer_of(model, key: str):
+    obj = model
+    for part in key.split(".")[:-1]:
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _tag_float_layers(model) -> None:
+    """Remember, on each layer, the GGUF file format of its float weights (Forge
+    replaces the parameter objects later: a dtype cast in the forward, a merge)."""
+    if model is None or getattr(model, "_gguf_float_tagged", False):
+        return
+    for m in model.modules():
+        for pname, p in m.named_parameters(recurse=False):
+            f = getattr(p, "gguf_float_format", None)
+            if f:
+                m.__dict__.setdefault("_gguf_float_formats", {})[pname] = f
+    try:
+        model._gguf_float_tagged = True
+    except Exception:
+        pass
+
+
+def _weight_and_format(loader, key: str):
+    """(the weight as loaded, its GGUF format object or None, its format name or None).
+    The name is None for weights that did not come from a GGUF file: Forge decides."""
     weight = getattr(loader, "backup", {}).get(key)
+    model = getattr(loader, "model", None)
     if weight is None:
-        try:
-            weight = butils.get_attr(loader.model, key)
-        except AttributeError:
-            return online  # Forge reports the bad key itself
+        weight = getattr(_layer_of(model, key), key.rsplit(".", 1)[-1], None)
+        if weight is None:
+            return None, None, None  # Forge reports the bad key itself
     fmt = getattr(weight, "gguf_cls", None)
-    if fmt is None or not hasattr(fmt, "can_quantize"):
-        return online
-    choice = opts.mode_by_format.get(fmt.name) or opts.default_gguf_mode
-    if choice == "auto":
-        want = "runtime" if online else "merge"
+    if fmt is not None and hasattr(fmt, "can_quantize"):
+        return weight, fmt, fmt.name
+    if fmt is not None:
+        return weight, None, None  # a format object that is not ours
+    name = getattr(weight, "gguf_float_format", None)
+    if name is None:
+        layer = _layer_of(model, key)
+        name = (getattr(layer, "__dict__", {}).get("_gguf_float_formats") or {}).get(key.rsplit(".", 1)[-1])
+    return weight, None, name
+
+
+def _decide(loader, key: str, plist, online: bool, opts, modes: Dict[str, set]) -> List[Tuple[bool, list]]:
+    """Where this weight's patches go: ``[(online, patches), ...]`` (online: run time).
+
+    The user's choice for the weight's file format decides (its own entry, else the
+    default for quantized GGUF formats or for float ones; ``auto`` follows Forge's
+    switch, and a merge that would keep too little of the delta runs at run time).
+    At run time go only the plain low-rank LoRAs we can run as deltas; the rest (LoHa,
+    LoKr, DoRA, ...) is merged by the host, which every host applies, whatever its
+    GGUF layer does with online patches. Weights not from a GGUF file keep Forge's choice."""
+    weight, fmt, name = _weight_and_format(loader, key)
+    if name is None:
+        return [(online, plist)]
+    if fmt is None:  # a float weight of a GGUF file
+        choice = opts.mode_by_format.get(name) or opts.default_mode
     else:
-        want = choice
-    ours, theirs = forge_patches_to_lib_lora(key, plist)
-    if want == "merge" and not fmt.can_quantize:
-        # no quantizer for this format: merge only when asked for explicitly, into the
-        # requantize target the user picked (the weight then carries that format)
-        target = opts.target_for(fmt)
+        choice = opts.mode_by_format.get(name) or opts.default_gguf_mode
+    want = ("runtime" if online else "merge") if choice == "auto" else choice
+    simple = [p for p in plist if _runtime_capable(p)]
+    other = [p for p in plist if not _runtime_capable(p)]
+    can_merge = True
+    if fmt is not None and not fmt.can_quantize:
+        # no quantizer for this format: a merge writes the requantize target the user
+        # picked, and runs only when asked for (or for patches only the host can apply)
         try:
             from lib_gguf import get_format
 
-            tfmt = get_format(target)
-            ok = choice == "merge" and tfmt.can_quantize and tfmt.fits(int(weight.shape[-1]))
+            tfmt = get_format(opts.target_for(fmt))
+            can_merge = tfmt.can_quantize and tfmt.fits(int(weight.shape[-1]))
         except Exception:
-            ok = False
-        if ok:
+            can_merge = False
+        if can_merge:
             weight.requantize_to = tfmt.name
-            want = "merge"
-        else:
+        if want == "merge" and (choice != "merge" or not can_merge):
             want = "runtime"
-    elif want == "merge" and choice == "auto" and ours and not theirs:
+    if want == "merge" and fmt is not None and choice == "auto" and simple and not other:
         from lib_lora.apply import merge_keep
 
+        ours, _ = forge_patches_to_lib_lora(key, simple)
         try:
             kept = merge_keep(weight, ours, opts)
         except Exception as e:  # the estimate is advice; Forge's own merge will report real errors
             log.debug("merge estimate failed for %s: %s", key, e)
             kept = 1.0
         if kept < opts.keep_threshold:
-            log.info("GGUF LoRA: %s (%s) at run time: a merge would keep %.0f%% of the delta", key, fmt.name,
-                     100 * kept)
+            log.info("GGUF LoRA: %s (%s) at run time: a merge would keep %.0f%% of the delta", key, name, 100 * kept)
             want = "runtime"
-    modes.setdefault(fmt.name, set()).add(want)
-    return want == "runtime"
+    if want == "merge":
+        modes.setdefault(name, set()).add("merge")
+        return [(False, plist)]
+    parts: List[Tuple[bool, list]] = []
+    if simple:
+        modes.setdefault(name, set()).add("runtime")
+        parts.append((True, simple))
+    if other:
+        kinds = ", ".join(sorted({patch_kind(p) for p in other}))
+        if can_merge:
+            modes.setdefault(name, set()).add("merge")
+            parts.append((False, other))
+            log.info("GGUF LoRA: %s: %s patches merged (only plain LoRAs run at run time)", key, kinds)
+        else:
+            log.warning("GGUF LoRA: %s (%s): %s patches skipped: no run-time form and no format to merge into",
+                        key, name, kinds)
+    return parts
+
+
+def _finite(x) -> bool:
+    import math
+
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        return not x.is_floating_point() or bool(torch.isfinite(x).all())
+    if isinstance(x, (int, float)):
+        return math.isfinite(x)
+    return True
+
+
+def _payload_tensors(v):
+    if isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str):
+        v = v[1]
+    elif hasattr(v, "weights"):
+        v = v.weights
+    if isinstance(v, (list, tuple)):
+        for x in v:
+            yield from _payload_tensors(x) if isinstance(x, (list, tuple)) else [x]
+    else:
+        yield v
+
+
+def non_finite(group_key, patches) -> str:
+    """Why one LoRA of the host's patches cannot be applied ("" when it can): a
+    strength, or a value of one of its tensors, that is NaN or infinite (merged, it
+    would turn rows of the weight into NaN or zeros)."""
+    strengths = [x for x in tuple(group_key)[1:3] if isinstance(x, (int, float))]
+    if not all(_finite(x) for x in strengths):
+        return f"strength {strengths} is not finite"
+    for key, plist in patches.items():
+        for p in plist:
+            strength_patch, v, strength_model, _offset, _fn = _patch_parts(p)
+            if not (_finite(strength_patch) and _finite(strength_model)):
+                return f"{key}: strength {strength_patch} / {strength_model} is not finite"
+            for t in _payload_tensors(v):
+                if not _finite(t):
+                    return f"{key}: the LoRA's {patch_kind(p)} tensors hold NaN or infinite values"
+    return ""
+
+
+def _runtime_capable(p) -> bool:
+    return bool(forge_patches_to_lib_lora("", [p])[0])
 
 
 def route_patches(loader, lora_patches, opts) -> Tuple[dict, Dict[str, str]]:
@@ -185,23 +409,90 @@ def route_patches(loader, lora_patches, opts) -> Tuple[dict, Dict[str, str]]:
     routed: dict = {}
     modes: Dict[str, set] = {}
     for gk, patches in lora_patches.items():
+        bad = non_finite(gk, patches)
+        if bad:
+            log.error("GGUF LoRA: %s: LoRA skipped (never merged into a weight): %s", gk[0] if gk else "?", bad)
+            continue
         head, online = tuple(gk[:-1]), bool(gk[-1])
         for key, plist in patches.items():
-            target = _decide(loader, key, plist, online, opts, modes)
-            routed.setdefault(head + (target,), {})[key] = plist
+            for target, part in _decide(loader, key, plist, online, opts, modes):
+                routed.setdefault(head + (target,), {}).setdefault(key, []).extend(part)
     return routed, {k: "+".join(sorted(v)) for k, v in modes.items()}
+
+
+def _count_gguf_merges(loader, routed) -> Dict[str, int]:
+    n: Dict[str, int] = {}
+    for gk, patches in routed.items():
+        if gk[-1]:
+            continue
+        for key in patches:
+            _w, fmt, _name = _weight_and_format(loader, key)
+            if fmt is not None:
+                n[fmt.name] = n.get(fmt.name, 0) + 1
+    return n
+
+
+class _MergeProgress:
+    """A progress bar over the GGUF weights Forge merges a LoRA into (each one is
+    dequantized, merged and requantized: seconds for a whole model)."""
+
+    def __init__(self, counts: Dict[str, int]):
+        self.total = sum(counts.values())
+        self.counts = counts
+        self.bar = None
+
+    def __enter__(self):
+        if self.total:
+            from lib_gguf.formats import add_requantize_observer
+
+            log.info("GGUF LoRA: merging into %d GGUF weights (%s); the first merge of a format in a session "
+                     "also prepares its kernels", self.total,
+                     ", ".join(f"{k} x{v}" for k, v in sorted(self.counts.items())))
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=self.total, desc="GGUF LoRA merge", unit="weight", leave=False)
+            except Exception:
+                self.bar = None
+            add_requantize_observer(self._step)
+        return self
+
+    def _step(self, _fmt_name: str) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def __exit__(self, *exc):
+        if self.total:
+            from lib_gguf.formats import remove_requantize_observer
+
+            remove_requantize_observer(self._step)
+            if self.bar is not None:
+                self.bar.close()
+        return False
 
 
 def _wrap_refresh(original):
     def refresh(self, lora_patches, *args, **kwargs):
-        opts = _options()
-        routed, modes = route_patches(self, lora_patches, opts)
+        try:
+            opts = _options()
+            _tag_float_layers(getattr(self, "model", None))
+            routed, modes = route_patches(self, lora_patches, opts)
+            counts = _count_gguf_merges(self, routed)
+        except Exception as e:  # never fail a generation because of our routing: Forge's own way then
+            log.error("GGUF LoRA: could not route the LoRA patches (%s: %s); Forge applies them its own way",
+                      type(e).__name__, e)
+            return original(self, lora_patches, *args, **kwargs)
         sig = repr(opts.to_dict())
         if sig != getattr(self, "_gguf_options_sig", None):
-            kwargs["force_refresh"] = True  # options changed since the last refresh
+            if len(args) >= 2:  # refresh(lora_patches, offload_device, force_refresh)
+                args = (args[0], True, *args[2:])
+            else:
+                kwargs["force_refresh"] = True  # options changed since the last refresh
         before = getattr(self, "online_backup", None)
-        result = original(self, routed, *args, **kwargs)
+        with _MergeProgress(counts):
+            result = original(self, routed, *args, **kwargs)
         self._gguf_options_sig = sig
+        _state["loaders"].add(self)
         if getattr(self, "online_backup", None) is before:
             # Forge found nothing to do (same patches: a model reload, a partial
             # unload and load): the run-time deltas attached last time stay as they are.
@@ -210,7 +501,7 @@ def _wrap_refresh(original):
             hook.remove()
         self._gguf_runtime_hooks = []
         _attach_runtime(self, opts)
-        _state["modes"] = modes
+        self._gguf_modes = modes
         return result
 
     refresh.__wrapped__ = original
@@ -227,8 +518,10 @@ def _attach_runtime(loader, opts=None) -> None:
         if not patches or "weight" not in patches:
             continue
         weight = getattr(layer, "weight", None)
-        if getattr(weight, "gguf_cls", None) is None:
-            continue  # float weights: Forge's online merge is cheap enough and exact
+        from_gguf = getattr(weight, "gguf_cls", None) is not None or bool(
+            layer.__dict__.get("_gguf_float_formats", {}).get("weight"))
+        if not from_gguf:
+            continue  # not from a GGUF file: Forge's own online LoRA
         ours, theirs = forge_patches_to_lib_lora("weight", patches["weight"])
         if not ours:
             continue
@@ -269,8 +562,42 @@ def register() -> bool:
             _patch(mod, "load_torch_file", wrapped)
     _patch(blora.LoraLoader, "refresh", _wrap_refresh(blora.LoraLoader.refresh))
     _state["registered"] = True
-    log.info("forge-gguf-lora: GGUF backend registered (%d hook points)", len(_state["patched"]))
+    _console_logging()
+    log.info("%s", startup_line())
     return True
+
+
+def _console_logging() -> None:
+    """Our INFO lines in the host's console, once each: the host's root logger shows
+    warnings only (or is not configured at all), so our loggers get a handler of their
+    own and do not propagate."""
+    for name, fmt in (("forge_gguf_lora", "%(message)s"), ("lib_gguf", "forge-gguf-lora: %(message)s"),
+                      ("lib_lora", "forge-gguf-lora: %(message)s")):
+        lg = logging.getLogger(name)
+        if not lg.handlers:
+            handler = logging.StreamHandler(sys.stdout)
+            handler.setFormatter(logging.Formatter(fmt))
+            lg.addHandler(handler)
+            lg.setLevel(logging.INFO)
+            lg.propagate = False
+
+
+def startup_line() -> str:
+    """One line for the console: what is registered, and the LoRA mode defaults."""
+    from lib_gguf.formats import FORMATS
+
+    fmts = [f for f in FORMATS.values() if f.is_quantized and f.can_dequantize]
+    opts = _options()
+    try:
+        import numba  # noqa: F401
+
+        kernels = "compiled CPU kernels (numba)"
+    except Exception:
+        kernels = "torch kernels (pip install numba for faster CPU merges)"
+    per = ", ".join(f"{k}:{v}" for k, v in sorted(opts.mode_by_format.items())) or "none"
+    return (f"forge-gguf-lora: GGUF backend registered ({len(_state['patched'])} hook points): "
+            f"{len(fmts)} quantized formats load ({', '.join(f.name for f in sorted(fmts, key=lambda f: f.type_id))}); "
+            f"LoRA modes: quantized {opts.default_gguf_mode}, float {opts.default_mode}, per format {per}; {kernels}")
 
 
 def unregister() -> None:

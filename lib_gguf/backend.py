@@ -45,6 +45,7 @@ def get_backend() -> str:
     return _backend
 
 
+_announced: set = set()  # (what, type id) whose first use was logged
 _failed: set = set()  # (what, type id) of compiled kernels that raised once: torch from then on
 
 
@@ -70,6 +71,10 @@ def try_compiled(what: str, fmt, load, run, *, required: bool = False):
     key = (what, fmt.type_id)
     if key in _failed and choice == "auto":
         return None
+    if key not in _announced:
+        _announced.add(key)
+        log.info("preparing the compiled %s %s (first use in this process: a few seconds to compile, "
+                 "or to load from numba's disk cache)", fmt.name, what)
     try:
         return run(mod)
     except Exception as e:  # a numba/llvmlite that does not compile here: fall back, once

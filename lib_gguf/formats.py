@@ -128,6 +128,20 @@ _QUANTIZERS: Dict[int, Quantizer] = {}
 # producing something ggml would not.
 NEEDS_IMATRIX = frozenset({GGMLType.IQ2_XXS, GGMLType.IQ2_XS, GGMLType.IQ1_S})
 
+# Callables told the format name after each ``quantize_pytorch`` write-back (the
+# host's LoRA merge): progress for whoever drives a whole model's merge.
+_REQUANTIZE_OBSERVERS: list = []
+
+
+def add_requantize_observer(fn: Callable[[str], None]) -> None:
+    _REQUANTIZE_OBSERVERS.append(fn)
+
+
+def remove_requantize_observer(fn: Callable[[str], None]) -> None:
+    if fn in _REQUANTIZE_OBSERVERS:
+        _REQUANTIZE_OBSERVERS.remove(fn)
+
+
 _kernels_loaded = False
 _kernels_lock = threading.Lock()
 
@@ -187,6 +201,10 @@ class GGMLFormat:
     family: str
 
     # -- description -----------------------------------------------------
+    @property
+    def __name__(self) -> str:  # Forge's loader prints ``gguf_cls.__name__`` (its formats are classes)
+        return self.name
+
     @property
     def qtype(self) -> int:
         return self.type_id
@@ -311,6 +329,8 @@ class GGMLFormat:
         parent.data = q.to(parent.data.device)
         if target is not self:
             parent.gguf_cls = target
+        for fn in list(_REQUANTIZE_OBSERVERS):
+            fn(target.name)
         return parent
 
 

@@ -891,7 +891,7 @@ def run(type_id: int, blocks, type_size: int):
     with _LOCK:
         if type_id not in _seen:
             _seen.add(type_id)
-            log.info("compiled quantizer for GGML type %d: compiling on first use (cached afterwards)", type_id)
+            log.debug("compiled quantizer for GGML type %d: compiling on first use (cached afterwards)", type_id)
         if type_id in _TORCH_LEVEL:
             return _TORCH_LEVEL[type_id](blocks)
         fn = _KERNELS[type_id]

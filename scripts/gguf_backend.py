@@ -29,11 +29,12 @@ def _ui():
     return mod
 
 
-def infotext_params() -> dict:
-    """``{"GGUF LoRA": "Q4_K:runtime"}`` for the modes the last LoRA refresh used, or {}."""
+def infotext_params(sd_model=None) -> dict:
+    """``{"GGUF LoRA": "Q4_K:runtime"}`` for the modes in use in ``sd_model``'s parts
+    (each part's last LoRA refresh; all parts refreshed so far when None), or {}."""
     import extension
 
-    modes = extension.last_modes()
+    modes = extension.last_modes(sd_model)
     if not modes:
         return {}
     return _ui().lora_infotext(modes=modes)
@@ -94,8 +95,19 @@ if _forge_scripts is not None and hasattr(_forge_scripts, "Script"):
         def process(self, p, modes="", *args, **kwargs):
             apply_pasted_modes(modes)
 
+        def process_batch(self, p, *args, **kwargs):
+            """After Forge activated this batch's LoRAs, before it samples: options
+            changed since the loaded parts' last refresh apply now (Forge itself
+            refreshes only the parts it loads, and an unchanged LoRA set loads none)."""
+            import extension
+
+            try:
+                extension.apply_options_now(getattr(p, "sd_model", None))
+            except Exception as e:  # the LoRAs stay as they were; say so
+                log.error("GGUF LoRA: could not re-apply the LoRAs with the new options: %s", e)
+
         def postprocess_batch(self, p, *args, **kwargs):
             try:
-                p.extra_generation_params.update(infotext_params())
+                p.extra_generation_params.update(infotext_params(getattr(p, "sd_model", None)))
             except Exception as e:  # infotext is a record, never a failure
                 log.debug("GGUF LoRA infotext: %s", e)

@@ -127,7 +127,7 @@ def lora_formats() -> List[Tuple[str, List[str]]]:
 
     by_family: Dict[str, List[str]] = {}
     for f in sorted(FORMATS.values(), key=lambda f: f.type_id):
-        if f.family in FAMILY_TITLES and f.name not in _SKIP_FORMATS:
+        if f.family in FAMILY_TITLES and f.name not in _SKIP_FORMATS and f.can_dequantize:
             by_family.setdefault(f.family, []).append(f.name)
     return [(fam, by_family[fam]) for fam in _FAMILY_ORDER if fam in by_family]
 
@@ -511,64 +511,32 @@ def _mib(n: int) -> str:
 def _lora_plan(path: Path, rows, lora_path: str, opts: Mapping[str, Any]) -> str:
     """Markdown: which layers the LoRA would merge or apply at run time."""
     lora = _existing_file(lora_path, "LoRA file", (".safetensors", ".pt", ".ckpt", ".bin"))
-    lib_lora = _import("lib_lora", "lib_lora")
-    try:
-        load_lora = lib_lora.load_lora
-    except AttributeError:
-        raise _not_yet("LoRA loading (lib_lora.load_lora)") from None
-    except ModuleNotFoundError:
-        raise _not_yet("LoRA loading (lib_lora.loader)") from None
+    from lib_lora import load_lora
+
     fmt_of = {name: fmt for name, fmt, _, _ in rows}
-    shape_of = {name: shape for name, _, shape, _ in rows}
-    lf = load_lora(str(lora), list(fmt_of))
-    targets = _lora_targets(lf)
+    shape_of = {name: tuple(shape) for name, _, shape, _ in rows}
+    lf = load_lora(str(lora), shape_of)
+    targets = sorted(lf.patches)
     if not targets:
         raise UIError(f"the LoRA {lora.name} matches none of the layers of {path.name}: "
                       "it is probably for another model")
-    planned = _planner_modes(lf, path, rows, opts)
     out_rows = []
     counts: Dict[str, int] = {}
-    for t in sorted(targets):
+    for t in targets:
         fmt = fmt_of.get(t, "?")
-        mode = planned.get(t) if planned else None
-        if mode is None:
-            mode = mode_for(fmt, opts) if fmt != "?" else "?"
+        mode = mode_for(fmt, opts) if fmt != "?" else "?"
         counts[mode] = counts.get(mode, 0) + 1
         out_rows.append(f"| `{t}` | {fmt} | {list(shape_of.get(t, ()))} | {mode} |")
     head = (f"**LoRA {lora.name}**: {len(targets)} layers; "
             + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
-            + ("" if planned else " (from the per-format options; 'auto' is decided at load time)"))
-    return "\n".join([head, "", "| layer | format | shape | mode |", "|---|---|---|---|", *out_rows])
-
-
-def _lora_targets(lf) -> List[str]:
-    """The model keys a loaded LoRA touches (duck-typed over lib_lora's LoraFile)."""
-    for attr in ("targets", "model_keys", "keys", "layers"):
-        v = getattr(lf, attr, None)
-        if callable(v):
-            v = v()
-        if v:
-            return sorted(str(k) for k in v)
-    if isinstance(lf, Mapping):
-        return sorted(str(k) for k in lf)
-    return []
-
-
-def _planner_modes(lf, path: Path, rows, opts) -> Optional[Dict[str, str]]:
-    """layer -> mode from lib_lora's planner, when there is one."""
-    try:
-        import lib_lora.policy as policy  # type: ignore
-    except ModuleNotFoundError:
-        return None
-    fn = getattr(policy, "plan_modes", None) or getattr(policy, "plan_lora", None)
-    if fn is None:
-        return None
-    options = policy.LoraOptions.from_dict(dict(opts))
-    fmt_of = {name: fmt for name, fmt, _, _ in rows}
-    plan = fn(lf, fmt_of, options)
-    if isinstance(plan, Mapping):
-        return {str(k): str(getattr(v, "mode", v)) for k, v in plan.items()}
-    return {str(getattr(p, "key", getattr(p, "name", ""))): str(getattr(p, "mode", "")) for p in plan}
+            + (" ('auto': Forge's '(fp16 LoRA)' switch decides at load, and a merge that would keep less "
+               "than the keep threshold of the delta runs at run time)" if "auto" in counts else ""))
+    lines = [head, "", "| layer | format | shape | mode |", "|---|---|---|---|", *out_rows]
+    if lf.unplaced:
+        lines += ["", f"{len(lf.unplaced)} LoRA keys not placed: "
+                  + ", ".join(f"`{k}` ({why})" for k, why in sorted(lf.unplaced.items())[:20])
+                  + (" ..." if len(lf.unplaced) > 20 else "")]
+    return "\n".join(lines)
 
 
 def inspect_file(path: str, lora_path: str = "", options: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
@@ -717,11 +685,23 @@ def bake_file(model: str, loras: str, dst: str, progress=None) -> str:
         return _error_text(e)
 
 
+def _settings_components() -> Dict[str, Any]:
+    """Forge's settings-page components by key (built before the extension tabs), or {}."""
+    forge = _forge()
+    if forge is None:
+        return {}
+    return dict(getattr(forge[0], "settings_components", None) or {})
+
+
 def save_options(opts: Mapping[str, Any]) -> str:
     try:
         saved = store_options(opts)
     except Exception as e:
         return _error_text(e)
+    return _saved_text(saved)
+
+
+def _saved_text(saved: Mapping[str, Any]) -> str:
     where = "Forge's settings" if _forge() is not None else str(options_file())
     n = len(saved["mode_by_format"])
     return f"Saved to {where}: {n} per-format mode{'s' if n != 1 else ''}; applies at the next generation."
@@ -757,7 +737,7 @@ def build_tab():
                 default_gguf = gr.Radio(MODE_CHOICES, value=opts["default_gguf_mode"],
                                         label="Default for quantized GGUF formats", elem_id="gguf_default_gguf_mode")
                 default_mode = gr.Radio(MODE_CHOICES, value=opts["default_mode"],
-                                        label="Default for float weights", elem_id="gguf_default_mode")
+                                        label="Default for float weights of GGUF files (F16, BF16, F32)", elem_id="gguf_default_mode")
             format_radios = []
             format_names = []
             for fam, names in families:
@@ -799,8 +779,29 @@ def build_tab():
                 d["fallback_format"], d["compute_dtype"], d["keep_threshold"] = values
                 return d
 
+            # the same options on Forge's settings page ("GGUF LoRA"): a save here shows
+            # there at once (else its stale values would be written back by "Apply
+            # settings"), and a change there shows here
+            flat_keys = ([KEY_PREFIX + "default_gguf_mode", KEY_PREFIX + "default_mode"]
+                         + [f"{KEY_PREFIX}mode_{n}" for n in format_names]
+                         + [f"{KEY_PREFIX}requant_{n}" for n in rq_formats]
+                         + [KEY_PREFIX + "fallback_format", KEY_PREFIX + "compute_dtype",
+                            KEY_PREFIX + "keep_threshold"])
+            settings = _settings_components()
+            linked = [(k, c, settings[k]) for k, c in zip(flat_keys, all_inputs) if k in settings]
+
             def _on_save(*values):
-                return save_options(_collect(*values))
+                try:
+                    saved = store_options(_collect(*values))
+                except Exception as e:
+                    text, shown = _error_text(e), [gr.update() for _ in linked]
+                else:
+                    flat = _to_flat(saved)
+                    text, shown = _saved_text(saved), [flat[k] for k, _c, _s in linked]
+                return [text, *shown] if linked else text
+
+            for _k, tab_c, set_c in linked:
+                set_c.change(lambda v: v, inputs=[set_c], outputs=[tab_c], queue=False)
 
             def _on_reload():
                 o = load_options()
@@ -809,7 +810,7 @@ def build_tab():
                         *[o["requantize_target"].get(n, "default") for n in rq_formats],
                         o["fallback_format"], o["compute_dtype"], o["keep_threshold"]]
 
-            save_btn.click(_on_save, inputs=all_inputs, outputs=[status])
+            save_btn.click(_on_save, inputs=all_inputs, outputs=[status] + [sc for _k, _c, sc in linked])
             reload_btn.click(_on_reload, inputs=[], outputs=all_inputs)
         # each page load shows what is saved now (the values above are the build-time ones)
         demo.load(_on_reload, inputs=[], outputs=all_inputs)
@@ -897,7 +898,7 @@ def on_ui_settings():
 
     add(KEY_PREFIX + "default_gguf_mode", "LoRA mode for quantized GGUF formats without their own setting",
         gr.Radio, {"choices": MODE_CHOICES})
-    add(KEY_PREFIX + "default_mode", "LoRA mode for float weights without their own setting",
+    add(KEY_PREFIX + "default_mode", "LoRA mode for float weights of GGUF files without their own setting",
         gr.Radio, {"choices": MODE_CHOICES})
     for _, names in lora_formats():
         for n in names:
@@ -908,6 +909,31 @@ def on_ui_settings():
     add(KEY_PREFIX + "fallback_format", "Fallback requantize format", gr.Dropdown, {"choices": targets})
     add(KEY_PREFIX + "compute_dtype", "Run-time LoRA compute dtype", gr.Dropdown, {"choices": list(COMPUTE_DTYPES)})
     add(KEY_PREFIX + "keep_threshold", "Keep threshold", gr.Slider, {"minimum": 0.0, "maximum": 1.0, "step": 0.01})
+    _extend_api_options_model(shared)
+
+
+def _extend_api_options_model(shared) -> None:
+    """GET /sdapi/v1/options answers through the pydantic model Forge builds from the
+    settings known when ``modules.api.models`` is first imported, which a built-in
+    extension does before ours loads: without our keys in it, the API drops them. The
+    model gets our keys (with their defaults) before the API is set up."""
+    models = sys.modules.get("modules.api.models")
+    base = getattr(models, "OptionsModel", None)
+    if base is None:
+        return  # not built yet: it will be built with our settings in it
+    known = getattr(base, "model_fields", None) or getattr(base, "__fields__", {}) or {}
+    labels = getattr(shared.opts, "data_labels", {})
+    missing = [k for k in labels if k.startswith(KEY_PREFIX) and k not in known]
+    if not missing:
+        return
+    try:
+        from pydantic import Field, create_model
+
+        extra = {k: (Optional[type(labels[k].default)], Field(default=labels[k].default, description=labels[k].label))
+                 for k in missing}
+        models.OptionsModel = create_model("Options", __base__=base, **extra)
+    except Exception as e:  # POST still takes them; only GET would leave them out
+        log.warning("GGUF LoRA settings not added to the API's options model: %s", e)
 
 
 def _register_with_forge() -> bool:
@@ -922,6 +948,12 @@ def _register_with_forge() -> bool:
     if not done:
         script_callbacks.on_ui_tabs(on_ui_tabs, name="forge_gguf_lora_tab")
         script_callbacks.on_ui_settings(on_ui_settings, name="forge_gguf_lora_settings")
+        # the settings exist from the start, not only once the settings page is built:
+        # the API's options model (GET /sdapi/v1/options) lists only keys known by then
+        try:
+            on_ui_settings()
+        except Exception as e:  # the settings page will add them again
+            log.warning("GGUF LoRA settings not registered early: %s", e)
     return True
 
 

@@ -34,20 +34,32 @@ def test_outside_forge_it_registers_nothing():
     assert not extension.is_registered()
 
 
-def test_infotext_records_the_modes_of_the_last_refresh(monkeypatch):
+def _fake_model(unet_modes, clip_modes, vae_modes):
+    """A Forge model's parts as the glue sees them: each part's patcher has a LoRA
+    loader that keeps the modes of its own last refresh."""
+    def part(modes, wrapped):
+        loader = types.SimpleNamespace(_gguf_modes=modes)
+        patcher = types.SimpleNamespace(lora_loader=loader, refresh_loras=lambda: None)
+        return types.SimpleNamespace(patcher=patcher) if wrapped else patcher
+
+    fo = types.SimpleNamespace(unet=part(unet_modes, False), clip=part(clip_modes, True), vae=part(vae_modes, True))
+    return types.SimpleNamespace(forge_objects=fo)
+
+
+def test_infotext_records_the_modes_of_every_part_of_the_model(monkeypatch):
     mod = _load("gguf_backend_forge", fake_forge=True, monkeypatch=monkeypatch)
-    monkeypatch.setitem(extension._state, "modes", {})
-    p = types.SimpleNamespace(extra_generation_params={"Seed": 1})
+    p = types.SimpleNamespace(extra_generation_params={"Seed": 1}, sd_model=_fake_model({}, {}, {}))
     script = mod.GGUFLoraScript()
     assert script.show(False) is sys.modules["modules.scripts"].AlwaysVisible
     script.postprocess_batch(p)
     assert p.extra_generation_params == {"Seed": 1}  # no GGUF LoRA: nothing recorded
 
-    monkeypatch.setitem(extension._state, "modes", {"Q4_K": "runtime", "Q8_0": "merge+runtime"})
+    # the VAE's loader (refreshed last, no GGUF weights) must not erase the others' modes
+    p.sd_model = _fake_model({"Q4_K": "runtime", "Q8_0": "merge"}, {"Q8_0": "runtime", "F16": "merge"}, {})
     script.postprocess_batch(p, images=None, batch_number=0)
     text = p.extra_generation_params["GGUF LoRA"]
-    assert text == "Q4_K:runtime,Q8_0:merge+runtime"
-    assert mod._ui().parse_lora_infotext(text) == {"Q4_K": "runtime", "Q8_0": "merge+runtime"}
+    assert text == "F16:merge,Q4_K:runtime,Q8_0:merge+runtime"
+    assert mod._ui().parse_lora_infotext(text) == {"F16": "merge", "Q4_K": "runtime", "Q8_0": "merge+runtime"}
 
 
 def test_runtime_factors_follow_the_layer_device():

@@ -56,6 +56,13 @@ def test_every_format_loads_runs_and_takes_loras_in_forge(tmp_path, which_gguf):
         assert res["ok"], (fmt, res.get("error"), res.get("trace"))
         assert res["runs"] and res["bytes_restored"] and res["hooks_after_remove"] == 0, (fmt, res)
         assert res["lora_changes_output"] > 0
+        # Forge's loader counts every file GGUF (F16 included) and keeps the file's weights
+        assert res["storage_dtype"] == "gguf", res
+        if fmt == "F16":
+            assert res["weight_dtype"] == "torch.float16", res
+            assert res["policy_runtime_hooks"] == 1 and res["policy_runtime_modes"] == {"F16": "runtime"}, res
+            assert res["policy_merge_hooks"] == 0 and res["policy_merge_modes"] == {"F16": "merge"}, res
+            assert res["policy_merge_changes_output"] > 0, res
         if fmt != "F16":
             assert res["param_type"] == "GGUFParameter"
             # run time: a low-rank delta on the GGUF layer, no per-step re-merge by Forge

@@ -11,13 +11,14 @@ Prints one JSON line per format.
 import json
 import os
 import sys
+import types
 
 FORGE = os.environ["FORGE_DIR"]
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.argv = [sys.argv[0], "--always-cpu"] + sys.argv[1:]
-args = sys.argv[2:]
-out_dir, formats = args[0], args[1:]
+out_dir, formats = sys.argv[1], sys.argv[2:]
+sys.argv = [sys.argv[0], "--always-cpu"]  # Forge parses its arguments on import
 sys.path.insert(0, FORGE)
+sys.path.insert(1, os.path.join(FORGE, "repositories", "huggingface_guess"))
 sys.path.insert(0, ROOT)
 WHICH = os.environ.get("FORGE_GGUF", "first-found")
 if WHICH == "bundled":  # PyPI gguf absent: Forge's own copy is what ``import gguf`` finds
@@ -34,13 +35,10 @@ import extension  # noqa: E402
 import lib_gguf  # noqa: E402
 from lib_gguf.sample import FluxConfig, tiny_flux_state_dict  # noqa: E402
 
-from backend import memory_management, utils  # noqa: E402
+from backend import loader as bloader, memory_management, utils  # noqa: E402
 from backend.memory_management import LoadedModel  # noqa: E402
 from lib_lora.policy import LoraOptions  # noqa: E402
-from backend.nn.flux import IntegratedFluxTransformer2DModel  # noqa: E402
-from backend.operations import using_forge_operations  # noqa: E402
 from backend.patcher.base import ModelPatcher  # noqa: E402
-from backend.state_dict import load_state_dict  # noqa: E402
 
 import gguf  # noqa: E402
 
@@ -76,12 +74,20 @@ def write(fmt):
 
 
 def build(path):
+    """Load a checkpoint as Forge's UI does: ``load_torch_file`` (ours, registered),
+    then Forge's ``backend.loader.load_huggingface_component``, which picks the
+    storage dtype (``state_dict_dtype``), prints the GGUF statistics (reading
+    ``gguf_cls.__name__``) and builds the model with the matching operations. The
+    guess is Forge's Flux guess with this small model's sizes."""
     state = utils.load_torch_file(path)
-    with using_forge_operations(device=torch.device("cpu"), dtype=torch.float16, manual_cast_enabled=False,
-                                bnb_dtype="gguf"):
-        model = IntegratedFluxTransformer2DModel(**cfg.as_kwargs())
-    load_state_dict(model, state)
+    guess = types.SimpleNamespace(unet_config=cfg.as_kwargs(),
+                                  supported_inference_dtypes=[torch.bfloat16, torch.float16, torch.float32])
+    model = bloader.load_huggingface_component(guess, "transformer", "diffusers", "FluxTransformer2DModel",
+                                               os.path.join(FORGE, "backend", "huggingface"), state)
+    assert model is not None, "Forge's loader skipped the transformer"
+    # what Forge's model_load does before any forward: bake, then refresh the LoRAs
     memory_management.bake_gguf_model(model)
+    ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu")).refresh_loras()
     return model
 
 
@@ -139,6 +145,8 @@ for fmt in formats:
         model = build(write(fmt))
         w = model.double_blocks[0].img_attn.qkv.weight
         res["param_type"] = type(w).__name__
+        res["storage_dtype"] = str(model.storage_dtype)
+        res["weight_dtype"] = str(w.dtype)
         base = run(model)
         res["runs"] = bool(torch.isfinite(base).all())
         before = snapshot(model)
@@ -153,7 +161,7 @@ for fmt in formats:
             layer = model.double_blocks[0].img_attn.qkv
             res[f"{'online' if online else 'merged'}_hooks"] = hooks(model)
             res[f"{'online' if online else 'merged'}_still_forge_online"] = "weight" in getattr(layer, "forge_online_loras", {})
-            res[f"{'online' if online else 'merged'}_modes"] = extension.last_modes()
+            res[f"{'online' if online else 'merged'}_modes"] = extension.last_modes(model)
         res["lora_changes_output"] = float((delta_out[True] - base).abs().max())
         # error against the float reference, relative to this format's own error without a LoRA
         scale = float((REF_LORA - REF_BASE).abs().max())
@@ -163,6 +171,17 @@ for fmt in formats:
         res["merged_vs_runtime"] = float((delta_out[True] - delta_out[False]).abs().max() /
                                          (delta_out[True] - base).abs().max())
 
+        if fmt == "F16":
+            # a GGUF file's float weights follow their own format's option too
+            use_options(mode_by_format={"F16": "runtime"})
+            with_lora(patcher, online=False)
+            res["policy_runtime_hooks"] = hooks(model)
+            res["policy_runtime_modes"] = extension.last_modes(model)
+            use_options(mode_by_format={"F16": "merge"})
+            patcher.refresh_loras()
+            res["policy_merge_hooks"] = hooks(model)
+            res["policy_merge_modes"] = extension.last_modes(model)
+            res["policy_merge_changes_output"] = float((run(model) - base).abs().max())
         if fmt != "F16":
             # the per-format choice overrides Forge's switch, and applies at the next refresh
             use_options(mode_by_format={fmt: "runtime"})
@@ -173,7 +192,7 @@ for fmt in formats:
             patcher.refresh_loras()  # same patches, new options: re-routed without a patch change
             res["policy_merge_hooks"] = hooks(model)
             res["policy_merge_equal"] = bool(torch.equal(run(model), delta_out[False]))
-            res["policy_merge_modes"] = extension.last_modes()
+            res["policy_merge_modes"] = extension.last_modes(model)
             res["policy_merge_format"] = model.double_blocks[0].img_attn.qkv.weight.gguf_cls.name
             res["policy_merge_changes_output"] = float((run(model) - base).abs().max())
 
