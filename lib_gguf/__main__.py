@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import List, Optional
 
@@ -129,9 +132,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = sub.add_parser("convert", help="safetensors (file or folder of shards) or GGUF -> GGUF")
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--type", default="Q8_0", help="preset: Q2_K, Q3_K_S/M/L, Q4_0, Q4_1, Q4_K_S/M, Q5_0, Q5_1, "
-                   "Q5_K_S/M, Q6_K, Q8_0, IQ4_NL, IQ4_XS, BF16, F16 (default Q8_0)")
-    p.add_argument("--rules", help="rule file: one 'PATTERN = FORMAT' a line (glob, or re:REGEX), or JSON")
+    from .recipes import PRESETS
+
+    p.add_argument("--type", default="Q8_0", help=f"preset: {', '.join(PRESETS)} (default Q8_0). IQ2_XXS, IQ2_XS "
+                   "and IQ1_S need an importance matrix and are not offered")
+    p.add_argument("--rules", help="rule file: one 'PATTERN = FORMAT' a line (glob, or re:REGEX; FORMAT a GGML "
+                   "type we can quantize, or keep), or JSON")
     p.set_defaults(fn=_cmd_convert)
 
     p = sub.add_parser("inspect", help="list a GGUF file's tensors, formats and shapes")
@@ -149,13 +155,65 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    return _run(args)
+
+
+_SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+def _run(args) -> int:
+    """Run the command in a worker thread, so that Ctrl-C and SIGTERM (a plain
+    ``kill``, a container stop) are handled at once, even in the middle of a long
+    torch or numba call: the partial output is removed and the process exits with
+    one line, no traceback. Errors in the input give one line and exit 2."""
     from .errors import GGUFFormatError
 
-    try:
-        return args.fn(args)
-    except (GGUFFormatError, FileNotFoundError, ValueError) as e:
+    outcome = {}
+
+    def work():
+        try:
+            outcome["rc"] = args.fn(args)
+        except BaseException as e:  # handed to the main thread
+            outcome["error"] = e
+
+    if threading.current_thread() is not threading.main_thread():  # called from a thread: no signals here
+        work()
+    else:
+        previous = {}
+
+        def on_signal(signum, frame):
+            from .writer import remove_active_temps
+
+            remove_active_temps()
+            name = "interrupted" if signum == signal.SIGINT else "terminated"
+            sys.stdout.flush()
+            sys.stderr.write(f"\n{name}: stopped, the partial output was removed\n")
+            sys.stderr.flush()
+            os._exit(_SIGNAL_EXIT.get(signum, 1))
+
+        for sig in _SIGNAL_EXIT:
+            try:
+                previous[sig] = signal.signal(sig, on_signal)
+            except (ValueError, OSError):
+                pass
+        try:
+            t = threading.Thread(target=work, name="lib_gguf-cli", daemon=True)
+            t.start()
+            while t.is_alive():
+                t.join(0.2)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    e = outcome.get("error")
+    if e is None:
+        return outcome.get("rc", 0)
+    if isinstance(e, (GGUFFormatError, FileNotFoundError, ValueError, OSError)):
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if isinstance(e, KeyboardInterrupt):
+        print("interrupted: stopped, the partial output was removed", file=sys.stderr)
+        return 130
+    raise e
 
 
 if __name__ == "__main__":

@@ -170,9 +170,10 @@ class ConvertSummary:
 class _PlannedTensor:
     """A tensor the writer asks for when it reaches it (streaming)."""
 
-    def __init__(self, plan: TensorPlan, load: Callable[[], torch.Tensor]):
+    def __init__(self, plan: TensorPlan, load: Callable[[], torch.Tensor], path=None):
         self.plan = plan
         self._load = load
+        self.path = path
         self.gguf_cls = plan.format
         self.gguf_shape = torch.Size(plan.shape)
 
@@ -190,9 +191,12 @@ class _PlannedTensor:
         x = self._load()
         if tuple(x.shape) != self.plan.shape:
             raise GGUFFormatError(f"shape changed while reading: {tuple(x.shape)} != {self.plan.shape}",
-                                  tensor=self.plan.name)
-        if not torch.isfinite(x.float()).all():
-            raise GGUFFormatError("contains inf or NaN values", tensor=self.plan.name)
+                                  path=self.path, tensor=self.plan.name)
+        finite = torch.isfinite(x.float())
+        if not finite.all():
+            bad = int((~finite).sum())
+            raise GGUFFormatError(f"contains {bad} inf or NaN values (of {x.numel()}); nothing was written",
+                                  path=self.path, tensor=self.plan.name)
         return quantize(x, self.plan.format, name=self.plan.name)
 
 
@@ -223,6 +227,17 @@ def plan_source(src: Union[str, Path], recipe: Union[str, Recipe] = "Q8_0", rule
     return source, names, plans, arch, dropped
 
 
+def _input_files(src, rules) -> List[Path]:
+    """Every file a conversion reads: the source (each shard of a folder) and a rule file."""
+    src = Path(src)
+    files = [src]
+    if src.is_dir():
+        files += sorted(src.glob("*.safetensors"))
+    if isinstance(rules, (str, Path)):
+        files.append(Path(rules))
+    return files
+
+
 def convert(src: Union[str, Path], dst: Union[str, Path], recipe: Union[str, Recipe] = "Q8_0", rules=None,
             progress: Optional[ProgressFn] = None, metadata: Optional[dict] = None) -> ConvertSummary:
     """Convert ``src`` to a GGUF file at ``dst`` with a recipe (see :mod:`lib_gguf.recipes`).
@@ -230,15 +245,14 @@ def convert(src: Union[str, Path], dst: Union[str, Path], recipe: Union[str, Rec
     ``progress(done, total, tensor_name)`` is called after each tensor.
     Returns a :class:`ConvertSummary`; nothing is left at ``dst`` on error.
     """
-    from .writer import save
+    from .writer import check_output, save
 
     t0 = time.perf_counter()
     dst = Path(dst)
+    check_output(dst, _input_files(src, rules))
     source, names, plans, arch, dropped = plan_source(src, recipe, rules)
     recipe_name = recipe.name if isinstance(recipe, Recipe) else str(recipe).upper()
     try:
-        if Path(src).resolve() == dst.resolve():
-            raise GGUFFormatError("the output would overwrite the source", path=dst)
         total = len(plans)
         done = [0]
         tensors = {}
@@ -252,7 +266,7 @@ def convert(src: Union[str, Path], dst: Union[str, Path], recipe: Union[str, Rec
                     progress(done[0], total, name)
                 return t
 
-            tensors[plan.name] = _PlannedTensor(plan, load)
+            tensors[plan.name] = _PlannedTensor(plan, load, source.path)
         meta = {
             "general.architecture": arch,
             "general.quantization_version": 2,

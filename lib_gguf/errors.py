@@ -24,3 +24,14 @@ class GGUFFormatError(ValueError):
 class UnsupportedFormatError(GGUFFormatError):
     """A known GGML type that this operation cannot handle (for example a
     format we cannot quantize, or one that needs an importance matrix)."""
+
+
+class GGUFOperationError(TypeError):
+    """A torch operation that cannot run on a :class:`~lib_gguf.parameter.GGUFParameter`'s
+    bytes (an in-place change, an integer view, float values copied into it). The
+    message names the weight (format, logical shape) and says what to call instead."""
+
+
+class OutputPathError(GGUFFormatError):
+    """An output path we refuse before doing any work: it is one of the inputs, a
+    folder, in a folder we cannot write, or on a disk without room for it."""

@@ -135,9 +135,15 @@ class GGUFFile:
         n_tensors = c.unpack("<Q", "tensor count")
         n_kv = c.unpack("<Q", "metadata count")
         # every key-value takes at least 12 bytes, every tensor info at least 24
-        if n_kv * 12 > c.end or n_tensors * 24 > c.end:
-            raise GGUFFormatError(f"absurd counts: {n_tensors} tensors, {n_kv} metadata entries in a "
-                                  f"{c.end}-byte file", path=self.path)
+        need = 24 + n_kv * 12 + n_tensors * 24
+        if need > c.end:
+            if n_tensors > 1 << 24 or n_kv > 1 << 24:
+                raise GGUFFormatError(f"corrupt header: it lists {n_tensors} tensors and {n_kv} metadata entries, "
+                                      f"impossible in a {c.end}-byte file (not a GGUF file, or damaged)",
+                                      path=self.path)
+            raise GGUFFormatError(f"truncated: the header lists {n_tensors} tensors and {n_kv} metadata entries, "
+                                  f"which need at least {need} bytes, the file has {c.end} (an incomplete "
+                                  f"download or copy?)", path=self.path)
         meta: Dict[str, Any] = {}
         for i in range(n_kv):
             key = c.string(f"metadata key #{i}")
@@ -184,8 +190,8 @@ class GGUFFile:
                 raise GGUFFormatError(f"data offset {offset} is not aligned to {align}", path=self.path, tensor=name)
             start = data_start + offset
             if start + nbytes > c.end:
-                raise GGUFFormatError(f"data runs past the end of the file ({start} + {nbytes} > {c.end})",
-                                      path=self.path, tensor=name)
+                raise GGUFFormatError(f"truncated: its data runs past the end of the file ({start} + {nbytes} > "
+                                      f"{c.end}; an incomplete download or copy?)", path=self.path, tensor=name)
             shape = tuple(reversed(dims)) if dims else (1,)
             infos.append(TensorInfo(name, fmt, shape, start, nbytes))
         self.tensors = infos

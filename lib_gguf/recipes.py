@@ -27,8 +27,16 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 
 import torch
 
-from .errors import GGUFFormatError
+from .errors import GGUFFormatError, UnsupportedFormatError
 from .formats import GGMLFormat, get_format
+
+
+def cannot_quantize_reason(fmt: GGMLFormat) -> str:
+    """Why we cannot write ``fmt``, and what to pick instead."""
+    if fmt.needs_imatrix:
+        return ("needs an importance matrix to quantize (as in ggml), which this converter does not compute; "
+                "pick IQ2_S, IQ3_XXS or Q2_K instead")
+    return f"no quantizer for {fmt.name} here; pick another format"
 
 # -- architectures -----------------------------------------------------------------
 
@@ -202,9 +210,13 @@ def parse_rules(source: Union[str, Path, Mapping[str, str], Sequence[Tuple[str, 
     else:
         pairs = list(source)
     rules = []
+    where = path if isinstance(source, (str, Path)) else None
     for pat, fmt in pairs:
         if str(fmt).lower() != "keep":
-            get_format(fmt)  # validates the name with a clear error
+            f = get_format(fmt, path=where)  # validates the name with a clear error
+            if not f.can_quantize:
+                # never quietly another format (the fallback chain would end at BF16/F16)
+                raise UnsupportedFormatError(f"rule {pat!r} = {f.name}: {cannot_quantize_reason(f)}", path=where)
         if pat.startswith("re:"):
             try:
                 re.compile(pat[3:])
@@ -218,8 +230,16 @@ class Recipe:
     """A preset plus user rules; :meth:`plan` picks each tensor's format."""
 
     def __init__(self, name: str, rules=None):
-        key = name.upper()
+        key = str(name).upper()
         if key not in PRESETS:
+            from .formats import _BY_NAME
+
+            fmt = _BY_NAME.get(key)
+            if fmt is not None and not fmt.can_quantize:
+                raise UnsupportedFormatError(f"{fmt.name}: {cannot_quantize_reason(fmt)}; presets: {', '.join(PRESETS)}")
+            if fmt is not None:
+                raise GGUFFormatError(f"{fmt.name} is a GGML format but not a preset; a rule file can choose it "
+                                      f"per tensor ('* = {fmt.name}'); presets: {', '.join(PRESETS)}")
             raise GGUFFormatError(f"unknown recipe {name!r}; presets: {', '.join(PRESETS)}")
         self.name = key
         self.base_name, self.mix = PRESETS[key]

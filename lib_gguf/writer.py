@@ -2,7 +2,16 @@
 
 ``save(path, tensors, metadata)`` writes to a temporary file beside ``path`` and
 renames it into place only when everything is written and synced: an error at any
-point leaves an existing file at ``path`` untouched and no temporary file behind.
+point (Ctrl-C included) leaves an existing file at ``path`` untouched and no temporary
+file behind. The temporary file is named ``.NAME.<pid>-<random>.forge-gguf-lora-partial``
+and locked while it is written, so that a later save to the same path finds and
+removes the ones a killed process (SIGKILL, a container stop) left behind, and
+nothing else. The finished file gets the mode a plain ``open()`` would give it (the
+umask's, or the replaced file's). :func:`check_output` refuses, before any work, an
+output that is one of the inputs, a folder, or in a folder we cannot write;
+``save`` also refuses a disk without room for the whole file, and reports a full disk
+or a failing rename as one :class:`~lib_gguf.errors.OutputPathError` naming the
+user's path.
 
 Tensor values may be :class:`GGUFParameter`\\ s (written with their format and
 logical shape), plain float or integer tensors (F32, F16, BF16, F64, I8-I64), or
@@ -12,17 +21,24 @@ that a converter holds one tensor in memory, not the model.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shutil
 import struct
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Set, Union
 
 import torch
 
-from .errors import GGUFFormatError
+from .errors import GGUFFormatError, OutputPathError
 from .formats import GGMLFormat, get_format
+
+try:
+    import fcntl
+except ImportError:  # Windows: stale temporary files are told by their process id
+    fcntl = None
 
 log = logging.getLogger(__name__)
 
@@ -140,23 +156,240 @@ def save(path: Union[str, os.PathLike], tensors: Mapping[str, Any], metadata: Op
     header = b"".join(head)
     header += b"\0" * ((-len(header)) % alignment)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    total = len(header) + offset
+    _prepare_folder(path)
+    remove_stale_temps(path)
+    _check_space(path, total)
+    fd, tmp = _create_temp(path)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(header)
+            _lock(f)
+            _set_mode(f, tmp, _open_mode(path))
+            _write(f, header, path)
             for name, t, fmt, shape, off, nbytes in entries:
                 data = _bytes_of(name, t, fmt, shape, nbytes)
-                f.write(memoryview(data.numpy()))
-                f.write(b"\0" * ((-nbytes) % alignment))
+                _write(f, memoryview(data.numpy()), path)
+                _write(f, b"\0" * ((-nbytes) % alignment), path)
                 del data
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+            try:
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError as e:
+                raise _os_error(e, path, "writing") from None
+        try:
+            os.replace(tmp, path)
+        except OSError as e:
+            raise _os_error(e, path, "renaming the finished file into place") from None
     except BaseException:
         try:
             os.unlink(tmp)
         except OSError:
             pass
         raise
+    finally:
+        _ACTIVE.discard(tmp)
     return path
+
+
+# -- the output path: checks before any work, temporary files, modes --------------------
+
+TEMP_SUFFIX = ".forge-gguf-lora-partial"
+_ACTIVE: Set[str] = set()  # temporary files this process is writing now
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_output(path: Union[str, os.PathLike], inputs: Iterable[Union[str, os.PathLike, None]] = ()) -> Path:
+    """Refuse ``path`` as an output before any work: when it is one of ``inputs``
+    (after resolving links and ``..``; hard links too), an existing folder, or in a
+    folder that cannot be written (read-only, no permission). Returns the path."""
+    path = Path(path)
+    for src in inputs:
+        if src is None or isinstance(src, Mapping):
+            continue
+        if _same_file(path, Path(src)):
+            raise OutputPathError(f"the output is one of the inputs ({src}); give another output file name",
+                                  path=path)
+    if path.is_dir():
+        raise OutputPathError("the output is an existing folder; give a file name", path=path)
+    folder = _existing_parent(path)
+    if not folder.is_dir():
+        raise OutputPathError(f"cannot create the output folder: {folder} is not a folder", path=path)
+    try:  # the real test: create (and remove) a temporary file there
+        fd, probe = tempfile.mkstemp(prefix=".forge-gguf-lora-probe.", suffix=TEMP_SUFFIX, dir=str(folder))
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputPathError(f"cannot write in the folder {folder} ({e.strerror or e})", path=path) from None
+    return path
+
+
+def _existing_parent(path: Path) -> Path:
+    folder = path.absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def _prepare_folder(path: Path) -> None:
+    if path.is_dir():
+        raise OutputPathError("the output is an existing folder; give a file name", path=path)
+    if not path.parent.exists():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputPathError(f"cannot create the output folder {path.parent} ({e.strerror or e})",
+                                  path=path) from None
+        log.warning("created the output folder %s", path.parent)
+
+
+def _check_space(path: Path, needed: int) -> None:
+    try:
+        free = shutil.disk_usage(str(path.parent)).free
+    except OSError:
+        return
+    if free < needed:
+        raise OutputPathError(f"not enough free disk space: the file needs {needed / 2**20:.1f} MiB, "
+                              f"{path.parent} has {free / 2**20:.1f} MiB free", path=path)
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def _create_temp(path: Path):
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f"{_temp_prefix(path)}{os.getpid()}-", suffix=TEMP_SUFFIX,
+                                   dir=str(path.parent))
+    except OSError as e:
+        raise OutputPathError(f"cannot write in the folder {path.parent} ({e.strerror or e})", path=path) from None
+    _ACTIVE.add(tmp)
+    return fd, tmp
+
+
+def _lock(f) -> None:
+    if fcntl is not None:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a filesystem without locks: the process id tells
+            pass
+
+
+def _in_use(p: Path, pid: int) -> bool:
+    """Whether a live writer still holds the temporary file ``p`` (written by ``pid``)."""
+    if fcntl is not None:
+        try:
+            with open(p, "rb") as fh:
+                try:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return True
+                except OSError:
+                    pass  # no locks on this filesystem: the process id tells
+                else:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+                    return False
+        except OSError:
+            return True
+    if pid == os.getpid():
+        return str(p) in _ACTIVE
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _set_mode(f, tmp: str, mode: int) -> None:
+    try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(f.fileno(), mode)
+        else:
+            os.chmod(tmp, mode)
+    except OSError:  # a filesystem without modes
+        pass
+
+
+def remove_stale_temps(path: Union[str, os.PathLike]) -> List[Path]:
+    """Remove the temporary files that earlier, killed saves to ``path`` left behind
+    (only ours: ``.NAME.<pid>-<random>.forge-gguf-lora-partial``, not held by a
+    running writer). Returns the removed paths."""
+    path = Path(path)
+    removed = []
+    prefix = _temp_prefix(path)
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return removed
+    for n in names:
+        if not (n.startswith(prefix) and n.endswith(TEMP_SUFFIX)):
+            continue
+        pid = n[len(prefix):-len(TEMP_SUFFIX)].split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        p = path.parent / n
+        if str(p) in _ACTIVE or _in_use(p, int(pid)):
+            continue
+        try:
+            size = p.stat().st_size
+            p.unlink()
+        except OSError:
+            continue
+        log.warning("removed %s (%.1f MiB), left by an interrupted earlier write of %s", p, size / 2**20, path)
+        removed.append(p)
+    return removed
+
+
+def remove_active_temps() -> None:
+    """Remove the temporary files this process is writing now (for a signal handler
+    that exits at once)."""
+    for tmp in list(_ACTIVE):
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        _ACTIVE.discard(tmp)
+
+
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def _open_mode(path: Path) -> int:
+    """The mode ``open(path, "wb")`` would leave: the replaced file's, else 0666 less the umask."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~_umask()
+
+
+def _write(f, data, path: Path) -> None:
+    try:
+        f.write(data)
+    except OSError as e:
+        raise _os_error(e, path, "writing") from None
+
+
+def _os_error(e: OSError, path: Path, doing: str) -> OutputPathError:
+    if e.errno == errno.ENOSPC:
+        return OutputPathError(f"the disk is full ({doing}); nothing was written, free some space and run again",
+                               path=path)
+    return OutputPathError(f"{doing} failed: {e.strerror or e}; nothing was written", path=path)

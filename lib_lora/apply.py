@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from .errors import LoraError
-from .loader import LoraFile, Patch, load_lora
+from .loader import LoraFile, Patch, check_finite, check_strength, load_lora
 from .policy import LoraOptions
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,11 @@ def _region(w: torch.Tensor, sl) -> torch.Tensor:
     return w if sl is None else w.narrow(sl[0], sl[1], sl[2])
 
 
-def merged_weight(param: torch.Tensor, patches: Sequence[Tuple[Patch, float]]) -> torch.Tensor:
-    """The float32 weight with every (patch, strength) added (DoRA applied)."""
+def merged_weight(param: torch.Tensor, patches: Sequence[Tuple[Patch, float]], name: Optional[str] = None,
+                  ) -> torch.Tensor:
+    """The float32 weight with every (patch, strength) added (DoRA applied). A result
+    holding inf or NaN (a strength too large for float32, a broken weight) raises
+    :class:`LoraError` naming the parameter: it is never written."""
     w = _dequant(param).clone()
     for patch, strength in patches:
         region = _region(w, patch.slice)
@@ -51,9 +54,32 @@ def merged_weight(param: torch.Tensor, patches: Sequence[Tuple[Patch, float]]) -
             norm = new.reshape(new.shape[0], -1).norm(dim=1).reshape(-1, *([1] * (new.dim() - 1)))
             scaled = new * (patch.dora_scale.to(w).reshape(-1, *([1] * (new.dim() - 1))) / norm)
             region.add_((scaled - region) * strength)
+        elif abs(strength) > torch.finfo(torch.float32).max:  # add_'s alpha must fit float32
+            region.add_(delta.mul_(strength))
         else:
             region.add_(delta, alpha=strength)
+    finite = torch.isfinite(w)
+    if not bool(finite.all()):
+        sources = sorted({p.source for p, _ in patches})
+        raise LoraError(f"merging gives {int((~finite).sum())} inf or NaN values (of {w.numel()}) "
+                        f"from {', '.join(sources)}: a strength too large, or a weight already broken",
+                        key=name or (patches[0][0].key if patches else None))
     return w
+
+
+F16_MAX = 65504.0
+
+
+def check_range(w: torch.Tensor, fmt, name: str, path=None) -> None:
+    """Refuse merged values that the output format cannot hold: float16 (and the
+    float16 scales of the quantized formats) end at 65504, beyond which the file
+    would hold inf."""
+    if fmt is None or fmt.name in ("F32", "BF16", "F64"):
+        return
+    peak = float(w.abs().max()) if w.numel() else 0.0
+    if peak > F16_MAX:
+        raise LoraError(f"merged values reach {peak:.3g}, beyond what {fmt.name} holds (float16's range, "
+                        f"{F16_MAX:g}): a LoRA strength far too large?", path=path, key=name)
 
 
 def _requantize(w: torch.Tensor, param: torch.Tensor, options: LoraOptions, name: str):
@@ -65,6 +91,7 @@ def _requantize(w: torch.Tensor, param: torch.Tensor, options: LoraOptions, name
     target = get_format(options.target_for(fmt))
     if not target.fits(w.shape[-1]) or not target.can_quantize:
         target = get_format("F16")
+    check_range(w, target, name)
     q = quantize(w, target, name=name)
     new = GGUFParameter(q.to(param.data.device), target, tuple(param.gguf_shape),
                         computation_dtype=getattr(param, "computation_dtype", torch.float16))
@@ -140,7 +167,49 @@ class _RuntimeHook:
             self._cache[key] = facs
         return self._cache[key]
 
+    # A weak reference to the output of a forward that already added this hook's deltas
+    # (lib_gguf's fused GGUF Linear, through ``fused_lowrank``): for that output this
+    # hook only clears it.
+    fused_pending = None
+
+    def fused_lowrank(self, device, dtype, n_out: int):
+        """``(down [R, in], up [n_out, R])`` with ``up @ down`` the sum of this hook's
+        deltas at their current strengths (strength and scale folded into ``down``, a
+        sliced patch's ``up`` zero outside its rows), for a forward that adds
+        ``(x @ down.T) @ up.T`` itself; None when a delta is not plain low-rank (DoRA,
+        LoHa, LoKr, diff) or runs in another compute dtype: then this hook adds them."""
+        if self.compute_dtype not in (None, dtype):
+            return None
+        facs = self._factors(device, dtype)
+        if any(full is not None or dora is not None for _p, _si, _u, _d, full, dora in facs):
+            return None
+        key = ("fused", device, dtype, n_out, tuple(self.strengths[si] for _p, si, *_ in facs))
+        hit = self._cache.get(key)
+        if hit is None:
+            downs, ups = [], []
+            for patch, si, up, down, _full, _dora in facs:
+                s = self.strengths[si]
+                if s == 0.0:
+                    continue
+                sl = patch.slice
+                if sl is not None:
+                    full_up = torch.zeros((n_out, up.shape[1]), dtype=up.dtype, device=up.device)
+                    full_up[sl[1]:sl[1] + sl[2]] = up
+                    up = full_up
+                downs.append(down * s)
+                ups.append(up)
+            k = facs[0][3].shape[1] if facs else 0
+            hit = ((torch.cat(downs), torch.cat(ups, dim=1)) if downs else
+                   (torch.zeros((0, k), dtype=dtype, device=device), torch.zeros((n_out, 0), dtype=dtype, device=device)))
+            for old in [c for c in self._cache if isinstance(c, tuple) and c and c[0] == "fused"]:
+                del self._cache[old]
+            self._cache[key] = hit
+        return hit
+
     def __call__(self, module, inputs, out):
+        pending, self.fused_pending = self.fused_pending, None
+        if pending is not None and pending() is out:  # the fused forward added the deltas already
+            return out
         x = inputs[0]
         dtype = self.compute_dtype or x.dtype
         xin = x.to(dtype)
@@ -175,9 +244,10 @@ class LoraHandle:
 
     def set_strength(self, index: int, strength: float) -> None:
         """Change a LoRA's strength; only run-time layers follow (merged ones are baked)."""
-        self.strengths[index] = float(strength)
+        strength = check_strength(strength)
+        self.strengths[index] = strength
         for h in self._hooks:
-            h.strengths[index] = float(strength)
+            h.strengths[index] = strength
         if any(r.mode == "merge" for r in self.report):
             log.info("strength changed: run-time layers follow now; merged layers keep the strength they were "
                      "merged with until the LoRAs are applied again")
@@ -218,7 +288,15 @@ def apply_loras(module: torch.nn.Module, loras: Sequence[Tuple[Union[LoraFile, s
     if mode not in ("auto", "merge", "runtime"):
         raise LoraError(f"mode must be auto, merge or runtime, got {mode!r}")
     params = dict(module.named_parameters())
-    files = [(l if isinstance(l, LoraFile) else load_lora(l, params), float(s)) for l, s in loras]
+    files = []
+    for l, s in loras:
+        where = getattr(l, "path", None) if isinstance(l, LoraFile) else (None if isinstance(l, dict) else l)
+        s = check_strength(s, where)
+        if isinstance(l, LoraFile):  # built elsewhere: its tensors are checked here
+            for plist in l.patches.values():
+                for p in plist:
+                    check_finite(l.path, {f"{p.source}.{k}": v for k, v in p.tensors.items()})
+        files.append((l if isinstance(l, LoraFile) else load_lora(l, params), s))
     by_param: Dict[str, List[Tuple[Patch, int]]] = {}
     for i, (lf, _s) in enumerate(files):
         for name, patches in lf.patches.items():
@@ -255,7 +333,7 @@ def apply_loras(module: torch.nn.Module, loras: Sequence[Tuple[Union[LoraFile, s
                     why = f"{fmt.name}: a merge would keep {kept:.0%} of the delta (< {options.keep_threshold:.0%})"
         if want == "merge":
             try:
-                w = merged_weight(param, weighted)
+                w = merged_weight(param, weighted, name)
                 new_params[name], target = _requantize(w, param, options, name)
             except LoraError:
                 raise

@@ -1,8 +1,13 @@
 """Baking LoRAs into a new GGUF file: merge in float32, requantize each tensor to
 its own format, stream tensor by tensor, write atomically, leave the inputs as
-they are, and record the LoRAs and strengths in the metadata."""
+they are, and record the LoRAs (file name, sha256) and strengths in the metadata.
+
+Before any work it refuses an output that is one of the inputs (the model or a
+LoRA, after resolving links and ``..``) or a folder, non-finite strengths, and LoRA
+files that are empty, incomplete or hold NaN or inf."""
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -11,9 +16,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .apply import merged_weight
+from .apply import check_range, merged_weight
 from .errors import LoraError
-from .loader import load_lora
+from .loader import check_strength, load_lora
 from .policy import LoraOptions
 
 
@@ -47,7 +52,8 @@ class _Merged:
     def materialize(self):
         from lib_gguf import quantize
 
-        w = merged_weight(self.param, self.patches)
+        w = merged_weight(self.param, self.patches, self.name)
+        check_range(w, self.gguf_cls, self.name)
         self.on_done(self.name)
         if self.gguf_cls.is_float:
             return w.to({0: torch.float32, 1: torch.float16, 30: torch.bfloat16, 28: torch.float64}[self.gguf_cls.type_id])
@@ -59,21 +65,23 @@ def bake_loras(model_path: Union[str, Path], loras: Sequence[Tuple[Union[str, Pa
                options: Optional[LoraOptions] = None) -> BakeResult:
     from lib_gguf import get_format
     from lib_gguf.reader import GGUFFile
-    from lib_gguf.writer import save
+    from lib_gguf.writer import check_output, save
 
     t0 = time.perf_counter()
     options = options or LoraOptions()
     model_path, out_path = Path(model_path), Path(out_path)
-    if out_path.exists() and out_path.resolve() == model_path.resolve():
-        raise LoraError("the output would overwrite the model", path=out_path)
+    if not loras:
+        raise LoraError("no LoRA given")
+    loras = [(l, check_strength(s, None if isinstance(l, dict) else l)) for l, s in loras]
+    check_output(out_path, [model_path] + [l for l, _ in loras if not isinstance(l, dict)])
     f = GGUFFile(model_path)
     sd = f.state_dict()
-    files = [(load_lora(l, sd), float(s)) for l, s in loras]
+    files = [(load_lora(l, sd), s) for l, s in loras]
     result = BakeResult(str(out_path))
     by_param: Dict[str, list] = {}
     for lf, s in files:
         for k, why in lf.unplaced.items():
-            result.unplaced[f"{lf.path}: {k}" if lf.path else k] = why
+            result.unplaced[f"{Path(lf.path).name}: {k}" if lf.path else k] = why
         for name, patches in lf.patches.items():
             by_param.setdefault(name, []).extend((p, s) for p in patches)
     total = len(by_param)
@@ -105,9 +113,19 @@ def bake_loras(model_path: Union[str, Path], loras: Sequence[Tuple[Union[str, Pa
         tensors[name] = _Merged(name, t, by_param[name], out, on_done)
     meta = dict(f.metadata)
     meta.pop("general.alignment", None)
-    meta["forge_gguf_lora.loras"] = json.dumps([[str(l if not isinstance(l, dict) else "<state dict>"), float(s)]
-                                                for l, s in loras])
+    # file names and content hashes, never local paths
+    meta["forge_gguf_lora.loras"] = json.dumps([_lora_record(l, s) for l, s in loras], allow_nan=False)
     meta["forge_gguf_lora.baked_from"] = model_path.name
     save(out_path, tensors, meta, alignment=f.alignment)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _lora_record(lora, strength: float) -> dict:
+    if isinstance(lora, dict):
+        return {"file": "<state dict>", "strength": strength}
+    h = hashlib.sha256()
+    with open(lora, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return {"file": Path(lora).name, "sha256": h.hexdigest(), "strength": strength}

@@ -92,7 +92,13 @@ def _diffusers_flux_map(shapes: Mapping[str, Tuple[int, ...]]) -> Dict[str, Targ
     i = 0
     while f"single_blocks.{i}.linear1.weight" in shapes:
         p = f"single_blocks.{i}"
-        h = shapes[f"{p}.linear2.weight"][0]
+        # the hidden size: from linear2, else from any layer that has it (a partial
+        # model or file may lack linear2); without one the fused slices are unknown
+        hs = [shapes[k][0] for k in (f"{p}.linear2.weight", "img_in.weight", "txt_in.weight") if k in shapes]
+        if not hs:
+            i += 1
+            continue
+        h = hs[0]
         mlp = shapes[f"{p}.linear1.weight"][0] - 3 * h
         t = f"single_transformer_blocks.{i}"
         for j, n in enumerate("qkv"):

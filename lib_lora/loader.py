@@ -133,13 +133,66 @@ def _read(path_or_sd) -> Tuple[Optional[str], Dict[str, torch.Tensor]]:
         raise LoraError(f"not a readable safetensors file ({e})", path=path) from None
 
 
+# the partner each half of a low-rank pair needs, in the file's own naming
+_PAIR_SUFFIX = {}
+for _a, _b in (("lora_down.weight", "lora_up.weight"), ("lora_A.weight", "lora_B.weight"),
+               ("lora_A.default.weight", "lora_B.default.weight"), ("lora.down.weight", "lora.up.weight"),
+               ("down.weight", "up.weight")):
+    _PAIR_SUFFIX[_a], _PAIR_SUFFIX[_b] = _b, _a
+_LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+
+
+def check_finite(path, sd: Mapping[str, torch.Tensor]) -> None:
+    """Refuse a LoRA holding NaN or inf: merged, one NaN spreads over a whole row of
+    the weight (and becomes zeros when requantized)."""
+    for key, value in sd.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            finite = torch.isfinite(value)
+            if not bool(finite.all()):
+                bad = int((~finite).sum())
+                raise LoraError(f"holds {bad} NaN or inf values (of {value.numel()}); a LoRA's tensors must be "
+                                f"finite (a damaged or badly trained file?)", path=path, key=key)
+
+
+def check_strength(strength, path=None) -> float:
+    """A LoRA strength as a float; NaN and inf are refused."""
+    try:
+        s = float(strength)
+    except (TypeError, ValueError):
+        raise LoraError(f"strength must be a number, got {strength!r}", path=path) from None
+    if s != s or s in (float("inf"), float("-inf")):
+        raise LoraError(f"strength must be a finite number, got {s}", path=path)
+    return s
+
+
+def _incomplete(stem_keys: Dict[str, str], parts) -> str:
+    """What a group of keys lacks, in the file's own key names."""
+    for part, key in stem_keys.items():
+        for suffix, partner in _PAIR_SUFFIX.items():
+            if key.endswith("." + suffix):
+                return f"incomplete: {key!r} has no {key[: -len(suffix)] + partner!r}"
+    have = [k for k in _LOHA if k in parts]
+    if have:
+        one = next(iter(stem_keys.values()))
+        stem = one[: one.rfind(".")]
+        missing = [f"{stem}.{k}" for k in _LOHA if k not in parts]
+        return f"incomplete LoHa: lacks {', '.join(repr(m) for m in missing)}"
+    if any(k.startswith("lokr_w1") for k in parts) or any(k.startswith("lokr_w2") for k in parts):
+        return "incomplete LoKr: needs both a lokr_w1* and a lokr_w2* factor"
+    return f"incomplete: only {', '.join(sorted(stem_keys.values()))}, no weight to apply"
+
+
 def load_lora(path_or_state_dict, model_keys) -> LoraFile:
     """Read a LoRA (``.safetensors`` path or state dict) against a model's parameters."""
     path, sd = _read(path_or_state_dict)
+    if not sd:
+        raise LoraError("the file holds no tensors (an empty LoRA)", path=path)
+    check_finite(path, sd)
     shapes = _model_shapes(model_keys)
     km = KeyMap(shapes)
     lf = LoraFile(path)
     groups: Dict[str, Dict[str, torch.Tensor]] = {}
+    names: Dict[str, Dict[str, str]] = {}  # stem -> part -> the file's own key
     for key, value in sd.items():
         sk = split_key(key)
         if sk is None:
@@ -147,9 +200,11 @@ def load_lora(path_or_state_dict, model_keys) -> LoraFile:
             continue
         stem, part = sk
         groups.setdefault(stem, {})[part] = value
+        names.setdefault(stem, {})[part] = key
     placed_any = False
+    incomplete: List[str] = []
     for stem, parts in groups.items():
-        keys = [f"{stem}.{p}" for p in parts]
+        keys = list(names[stem].values())
         target = km.resolve(stem)
         if target is None:
             for k in keys:
@@ -163,7 +218,7 @@ def load_lora(path_or_state_dict, model_keys) -> LoraFile:
         if "diff_b" in parts:
             bname = km.bias_of(pname)
             if bname is None:
-                lf.unplaced[f"{stem}.diff_b"] = "the layer has no bias"
+                lf.unplaced[names[stem]["diff_b"]] = "the layer has no bias"
             else:
                 patches.append(Patch(bname, "diff", {"diff": parts["diff_b"]}, source=stem,
                                      slice=(0, sl[1], sl[2]) if sl else None))
@@ -181,18 +236,23 @@ def load_lora(path_or_state_dict, model_keys) -> LoraFile:
         elif "diff" in parts:
             patches.append(Patch(pname, "diff", {"diff": parts["diff"]}, None, None, sl, stem))
         elif "diff_b" not in parts:
+            why = _incomplete(names[stem], parts)
+            incomplete.append(why)
             for k in keys:
-                lf.unplaced[k] = f"incomplete: has {sorted(parts)}"
+                lf.unplaced[k] = why
             continue
         for p in patches:
             shape = p.target_shape(shapes[p.key])
             _check_shape(p, shape, path)
             lf.patches.setdefault(p.key, []).append(p)
             placed_any = True
-    if sd and not placed_any:
-        sample = next(iter(sd))
-        raise LoraError(f"none of its {len(sd)} keys match this model (a LoRA for another architecture?); "
-                        f"first key {sample!r}", path=path)
+    if not placed_any:
+        if incomplete:
+            raise LoraError(f"an incomplete LoRA, nothing to apply: {'; '.join(incomplete[:5])}"
+                            f"{' ...' if len(incomplete) > 5 else ''}", path=path)
+        listed = sorted(lf.unplaced)
+        raise LoraError(f"none of its {len(sd)} keys match this model (a LoRA for another architecture?); keys: "
+                        f"{', '.join(repr(k) for k in listed[:8])}{' ...' if len(listed) > 8 else ''}", path=path)
     return lf
 
 

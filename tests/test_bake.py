@@ -1,4 +1,5 @@
 """Baking LoRAs into a new GGUF file, through the CLI and the function."""
+import hashlib
 import json
 import os
 import subprocess
@@ -59,7 +60,10 @@ def test_bake_cli(tmp_path, model, lora):
             a, b = src[k], baked[k]
             assert torch.equal(a.data if isinstance(a, GGUFParameter) else a, b.data if isinstance(b, GGUFParameter) else b)
     meta = lib_gguf.read_metadata(out)
-    assert json.loads(meta["forge_gguf_lora.loras"]) == [[str(path), 0.7]]
+    # the LoRA's file name and content hash, never a local path
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert json.loads(meta["forge_gguf_lora.loras"]) == [{"file": "style.safetensors", "sha256": sha, "strength": 0.7}]
+    assert str(path.parent) not in json.dumps(meta, default=str)
     assert meta["general.architecture"] == "flux"
     assert [t.name for t in gguf.GGUFReader(str(out)).tensors] == list(src)
 

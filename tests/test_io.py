@@ -100,7 +100,8 @@ def _header(version=3, n_tensors=0, n_kv=0):
     (b"GGUF\x03\x00", "too short"),
     (b"NOPE" + b"\0" * 40, "magic"),
     (_header(version=7) + b"\0" * 16, "version 7"),
-    (_header(n_tensors=2**60) + b"\0" * 16, "absurd"),
+    (_header(n_tensors=2**60) + b"\0" * 16, "corrupt header"),
+    (_header(n_tensors=40, n_kv=3) + b"\0" * 16, "truncated: the header lists 40 tensors"),
     (_header(n_kv=1) + struct.pack("<Q", 2**62) + b"\0" * 16, "truncated"),
 ])
 def test_bad_headers(tmp_path, blob, needle):

@@ -32,10 +32,14 @@ def test_reports_logical_shape_and_dequantizes(param):
 
 def test_moves_and_copies_keep_the_bytes(param):
     p, _ = param
-    for q in (p.to("cpu"), p.to(torch.float16), p.to("cpu", torch.bfloat16), p.detach(), p.clone(), p.cpu(),
-              copy.deepcopy(p), p.contiguous()):
-        assert _same(q, p)
-    assert p.to(dtype=torch.float32).dtype == torch.uint8  # a dtype change never converts the bytes
+    for q in (p.to("cpu"), p.to("cpu", torch.bfloat16), p.to(device="cpu", dtype=torch.float16, non_blocking=True),
+              p.to(torch.zeros(1)), p.to(copy=True), p.to(torch.uint8), p.detach(), p.clone(), p.cpu(),
+              copy.deepcopy(p), p.contiguous(), torch.nn.Parameter(p, requires_grad=False)):
+        assert _same(q, p)  # a dtype beside a device is the host's cast of every weight: the bytes move
+    # a dtype alone asks for the values
+    ref = p.dequantize(torch.float32)
+    assert torch.equal(p.to(torch.float32), ref) and not is_gguf(p.to(dtype=torch.float32))
+    assert torch.equal(p.to(torch.float16), ref.half())
     if torch.cuda.is_available():
         assert _same(p.cuda().cpu(), p)
         assert _same(p.pin_memory(), p)
@@ -78,3 +82,17 @@ def test_forge_style_gguf_cls_calls(param):
     fmt.quantize_pytorch(w.float() * 2, p)
     assert p.data.shape == before.shape and not torch.equal(p.data, before)
     assert torch.allclose(p.dequantize(torch.float32), w.float() * 2, atol=0.05)
+
+
+def test_a_hosts_empty_like_and_copy_keep_the_format(param):
+    """Forge Neo's low-VRAM ``cast_to`` copies a weight to the compute device as
+    ``r = torch.empty_like(w, dtype=..., device=...); r.copy_(w)``: the copy must be
+    the same GGUF weight (format, logical shape, bytes), never raw bytes."""
+    p, _ = param
+    for kw in ({}, {"dtype": torch.float16}, {"device": "cpu", "dtype": torch.bfloat16}):
+        r = torch.empty_like(p, **kw)
+        assert isinstance(r, GGUFParameter) and r.dtype == torch.uint8 and r.byte_shape == p.byte_shape
+        assert r.gguf_cls is p.gguf_cls and r.shape == p.shape
+        out = r.copy_(p, non_blocking=False)
+        assert out is r and _same(r, p)
+        assert torch.equal(dequantize_tensor(r, torch.float32), p.dequantize(torch.float32))

@@ -387,3 +387,28 @@ def test_convert_then_inspect(ui, tmp_path):
     ref = reference_listing(dst)
     r = ui.inspect_file(str(dst))
     assert r["ok"] and {row[0]: row[1] for row in r["rows"]} == {k: v[0] for k, v in ref.items()}
+
+
+def test_the_inspector_says_which_layers_a_lora_would_merge_or_run(ui, tmp_path):
+    """The inspector's LoRA input: a kohya LoRA placed on the file's own layers, each
+    with its format and the mode the options give it; keys it cannot place are named."""
+    import torch
+    from safetensors.torch import save_file
+
+    path = tmp_path / "ref.gguf"
+    write_reference_gguf(path)
+    g = torch.Generator().manual_seed(0)
+    lora = tmp_path / "style.safetensors"
+    save_file({"lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.randn(768, 4, generator=g),
+               "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.randn(4, 256, generator=g),
+               "lora_unet_double_blocks_0_img_mlp_0.lora_up.weight": torch.randn(1024, 4, generator=g),
+               "lora_unet_double_blocks_0_img_mlp_0.lora_down.weight": torch.randn(4, 256, generator=g),
+               "lora_unet_double_blocks_7_img_mlp_0.lora_up.weight": torch.randn(1024, 4, generator=g),
+               "lora_unet_double_blocks_7_img_mlp_0.lora_down.weight": torch.randn(4, 256, generator=g)},
+              str(lora))
+    r = ui.inspect_file(str(path), str(lora), options={"mode_by_format": {"Q8_0": "merge"}})
+    plan = r["lora"]
+    assert plan.startswith("**LoRA style.safetensors**: 2 layers"), plan
+    assert "| `double_blocks.0.img_attn.qkv.weight` | Q4_K | [768, 256] | runtime |" in plan
+    assert "| `double_blocks.0.img_mlp.0.weight` | Q8_0 | [1024, 256] | merge |" in plan
+    assert "lora_unet_double_blocks_7_img_mlp_0" in plan  # not in this model: named, not dropped

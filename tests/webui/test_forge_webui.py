@@ -305,12 +305,26 @@ def _drop_server_frames(tb: str) -> str:
 
 
 def test_memory_stays_flat_across_checkpoint_switches(forge):
-    """Every format above switched to another checkpoint and back, with and without the
-    LoRA: the server's memory after the last is within 256 MiB of after the first."""
-    rss = getattr(forge, "rss", [])
-    if len(rss) < 3:
-        pytest.skip("needs the per-format checks to have run")
-    assert rss[-1] - rss[0] <= 256, rss
+    """Switching between two checkpoints with the LoRA, again and again, keeps the
+    server's memory flat (the per-format checks above compile each format's kernels
+    once, so their growth is not a leak: the rounds here start after that)."""
+    pair = [f for f in FORMATS if f != "F16"][:2] or ["Q8_0", "Q4_0"]
+    if len(pair) < 2:
+        pair = [pair[0], "Q8_0" if pair[0] != "Q8_0" else "Q4_0"]
+
+    def round_trip():
+        for fmt in pair:
+            _load(forge, fmt)
+            forge.txt2img(prompt=_lora_prompt(forge))
+            forge.txt2img(prompt=PROMPT)
+
+    round_trip()  # warm: every model and kernel of the pair loaded once
+    start = webui.rss_mb(forge)
+    seen = [start]
+    for _ in range(4):
+        round_trip()
+        seen.append(webui.rss_mb(forge))
+    assert seen[-1] - start <= 48, [round(x) for x in seen]
 
 
 def test_settings_are_in_the_api_and_the_backend_says_it_is_registered(forge):
