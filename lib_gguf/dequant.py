@@ -8,7 +8,7 @@ Every kernel takes ``(n_blocks, type_size)`` uint8 blocks and returns
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -28,6 +28,9 @@ COMPILED_TYPES = frozenset(int(t) for t in (
 
 def _compiled(fmt, blocks: torch.Tensor, dtype: torch.dtype):
     """The compiled kernel's values, or None when the torch kernel should run."""
+    if blocks.device.type == "cuda" or (_bk.get_backend() == "triton" and blocks.device.type == "cpu"
+                                        and _triton_interpreting()):
+        return _triton(fmt, blocks, dtype)
     if (fmt.type_id not in COMPILED_TYPES or blocks.device.type != "cpu"
             or dtype not in (torch.float16, torch.float32)):
         return None
@@ -39,6 +42,30 @@ def _dequant_numba():
     from . import dequant_numba
 
     return dequant_numba
+
+
+# CUDA tensors of every quantized format: the Triton kernels (lib_gguf.dequant_triton)
+# when triton imports, through the same backend choice and fallback (compile errors
+# only) as the numba ones.
+def _triton(fmt, blocks: torch.Tensor, dtype: torch.dtype):
+    if not fmt.is_quantized or dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return None
+    m = _dequant_triton()
+    return _bk.try_compiled("dequantizer", fmt, lambda: m,
+                            lambda m: m.run(fmt.type_id, blocks, fmt.block_size, dtype),
+                            required=True, kind="triton", fallback_on=m.COMPILE_ERRORS)
+
+
+def _dequant_triton():
+    from . import dequant_triton
+
+    return dequant_triton
+
+
+def _triton_interpreting() -> bool:  # Triton's CPU interpreter: CPU tensors may take the Triton kernels (tests)
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def as_uint8(data) -> torch.Tensor:
@@ -54,12 +81,29 @@ def as_uint8(data) -> torch.Tensor:
     return data
 
 
-def dequantize(data, qtype, shape: Sequence[int], dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    """Turn GGUF bytes into a tensor of logical ``shape`` and ``dtype``.
+def dequantize(data, qtype=None, shape: Optional[Sequence[int]] = None,
+               dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Turn GGUF bytes into a tensor of logical ``shape`` and ``dtype`` (float16 by default).
 
     ``data``: a uint8 tensor (any shape) holding the tensor's GGUF bytes, on any
     device. ``qtype``: an int type id, a ``GGMLQuantizationType`` or a name.
+    ``data`` may also be a :class:`~lib_gguf.parameter.GGUFParameter`, which knows its
+    format and shape: ``dequantize(w)``, ``dequantize(w, torch.float32)`` or
+    ``dequantize(w, dtype=torch.float32)`` (its ``computation_dtype`` by default).
     """
+    if getattr(data, "gguf_cls", None) is not None and isinstance(data, torch.Tensor):
+        if isinstance(qtype, torch.dtype):
+            qtype, dtype = None, qtype
+        if qtype is not None and get_format(qtype) is not data.gguf_cls:
+            raise GGUFFormatError(f"dequantize: the weight is {data.gguf_cls.name}, not {get_format(qtype).name}")
+        shape = shape if shape is not None else (getattr(data, "gguf_shape", None) or data.real_shape)
+        dtype = dtype or getattr(data, "computation_dtype", None) or torch.float16
+        qtype = data.gguf_cls
+        data = data.data
+    if qtype is None or shape is None:
+        raise TypeError("dequantize(data, qtype, shape[, dtype]): raw bytes need their format and logical shape "
+                        "(a GGUFParameter carries both)")
+    dtype = dtype or torch.float16
     fmt = get_format(qtype)
     shape = tuple(int(s) for s in shape)
     n = 1

@@ -57,6 +57,12 @@ class GGUFLinear(torch.nn.Module):
         return w.to(device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _fused_candidate(self.weight, x):
+            from .linear_triton import layer_forward
+
+            y = layer_forward(self, x)  # one Triton kernel, the run-time LoRAs folded in; None: not here
+            if y is not None:
+                return y
         w = self.dequantized_weight(x.dtype, x.device)
         b = None if self.bias is None else self.bias.to(device=x.device, dtype=x.dtype)
         return F.linear(x, w, b)
@@ -65,6 +71,23 @@ class GGUFLinear(torch.nn.Module):
         fmt = getattr(self.weight, "gguf_cls", None)
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"format={fmt.name if fmt is not None else str(self.weight.dtype)}")
+
+
+def _fused_candidate(w, x: torch.Tensor) -> bool:
+    """Whether the fused dequantize-matmul (lib_gguf.linear_triton) may run: a GGUF
+    weight and float16/bfloat16 activations on a CUDA device (or, for tests, the CPU
+    under Triton's interpreter with the backend choice "triton"). Checked before
+    anything is imported, so CPU runs never import triton. The rule per shape and the
+    rest are :func:`lib_gguf.linear_triton.layer_forward`'s."""
+    if x.dtype not in (torch.float16, torch.bfloat16) or not is_gguf(w):
+        return False
+    if x.device.type == "cuda":
+        return True
+    if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        from .backend import get_backend
+
+        return get_backend() == "triton"
+    return False
 
 
 def _module_and_attr(root: torch.nn.Module, name: str) -> Tuple[torch.nn.Module, str]:
