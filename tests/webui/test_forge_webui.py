@@ -335,7 +335,11 @@ def test_settings_are_in_the_api_and_the_backend_says_it_is_registered(forge):
     opts = forge.options()
     ours = {k: v for k, v in opts.items() if k.startswith("gguf_lora_")}
     assert "gguf_lora_mode_Q4_K" in ours and "gguf_lora_default_gguf_mode" in ours, sorted(opts)[:50]
-    assert "gguf_lora_mode_Q1_0" not in ours  # nothing loads Q1_0: not offered
+    sys.path.insert(0, webui.ROOT)
+    from lib_gguf import get_format
+
+    offered = [k[len("gguf_lora_mode_"):] for k in ours if k.startswith("gguf_lora_mode_")]
+    assert offered and all(get_format(f).can_dequantize for f in offered), offered  # only what loads
     forge.set_options(gguf_lora_mode_Q4_K="merge")
     try:
         assert forge.options()["gguf_lora_mode_Q4_K"] == "merge"
