@@ -130,3 +130,37 @@ def build_module(shapes: Dict[str, Tuple[int, ...]], dtype=torch.float32) -> tor
             node(path).register_parameter(attr, torch.nn.Parameter(torch.zeros(shape, dtype=dtype),
                                                                    requires_grad=False))
     return root
+
+
+def random_blocks(fmt, shape: Tuple[int, int], seed: int = 3) -> torch.Tensor:
+    """Valid bytes of ``fmt`` for a (rows, cols) weight, for formats with no quantizer
+    here (IQ2_XXS needs an importance matrix): random codes under a small float16 scale
+    (0x0C00, about 2.4e-4) in each block's first two bytes."""
+    from .formats import get_format
+
+    f = get_format(fmt)
+    g = torch.Generator().manual_seed(seed)
+    rows = shape[0]
+    blocks = torch.randint(0, 256, (rows * shape[1] // f.block_size, f.type_size), generator=g, dtype=torch.uint8)
+    blocks[:, 0], blocks[:, 1] = 0x00, 0x0C
+    return blocks.reshape(rows, -1)
+
+
+def in_format(sd: Dict[str, torch.Tensor], fmt) -> Dict[str, torch.Tensor]:
+    """``sd`` as a GGUF checkpoint of format ``fmt``: every 2-D weight whose rows fit the
+    format's blocks quantized (random valid bytes where we have no quantizer), except
+    the input and output layers, which stay F16 as in the files people publish; the
+    other 2-D weights F16, 1-D tensors as they are."""
+    from .formats import get_format
+    from .parameter import GGUFParameter
+    from .quant import quantize
+
+    f = get_format(fmt)
+    out: Dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        if v.ndim == 2 and f.is_quantized and f.fits(v.shape[1]) and not k.startswith(("img_in", "final_layer")):
+            data = quantize(v, f) if f.can_quantize else random_blocks(f, tuple(v.shape))
+            out[k] = GGUFParameter(data, f, v.shape)
+        else:
+            out[k] = v.half() if v.ndim == 2 else v
+    return out

@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 import extension  # noqa: E402
 import lib_gguf  # noqa: E402
-from lib_gguf.sample import FluxConfig, tiny_flux_state_dict  # noqa: E402
+from lib_gguf.sample import FluxConfig, in_format, tiny_flux_state_dict  # noqa: E402
 
 from backend import loader as bloader, memory_management, utils  # noqa: E402
 from backend.memory_management import LoadedModel  # noqa: E402
@@ -49,27 +49,9 @@ sd = tiny_flux_state_dict(cfg, seed=1)
 H = cfg.hidden_size
 
 
-def random_blocks(f, shape):
-    """Valid bytes for a format we cannot quantize (IQ2_XXS needs an importance
-    matrix): random codes under a small fp16 scale in the first two bytes."""
-    g = torch.Generator().manual_seed(3)
-    rows = shape[0]
-    blocks = torch.randint(0, 256, (rows * shape[1] // f.block_size, f.type_size), generator=g, dtype=torch.uint8)
-    blocks[:, 0], blocks[:, 1] = 0x00, 0x0C  # fp16 0x0C00: about 2.4e-4
-    return blocks.reshape(rows, -1)
-
-
 def write(fmt):
-    f = lib_gguf.get_format(fmt)
-    q = {}
-    for k, v in sd.items():
-        if v.ndim == 2 and f.is_quantized and f.fits(v.shape[1]) and not k.startswith(("img_in", "final_layer")):
-            data = lib_gguf.quantize(v, fmt) if f.can_quantize else random_blocks(f, v.shape)
-            q[k] = lib_gguf.GGUFParameter(data, fmt, v.shape)
-        else:
-            q[k] = v.half() if v.ndim == 2 else v
     p = os.path.join(out_dir, f"flux-{fmt}.gguf")
-    lib_gguf.save(p, q)
+    lib_gguf.save(p, in_format(sd, fmt))
     return p
 
 

@@ -133,29 +133,35 @@ class ForgeKind(HostKind):
         "depth_single_blocks": "count_blocks(state_dict_keys, '{}single_blocks.'.format(key_prefix) + '{}.')",
     }
 
+    def flux_edits(self) -> Dict[str, tuple]:
+        """``dit_config`` key -> (regular expression of the line's value, expression reading
+        the size from the state dict)."""
+        return {key: (r".*", expr) for key, expr in self.FLUX_FROM_STATE_DICT.items()}
+
     def shrink(self, copy_dir: str, sizes: dict) -> List[str]:
         changed: List[str] = []
+        self._patch_detection(copy_dir, changed)
+        self._patch_configs(copy_dir, sizes, changed)
+        return changed
+
+    def _patch_detection(self, copy_dir: str, changed: List[str]) -> None:
+        """Only inside the Flux branch of huggingface_guess: from its test key to its
+        ``return dit_config``."""
         det = os.path.join(copy_dir, self.detection)
         with open(det, encoding="utf8") as fh:
             text = fh.read()
-        # only inside the Flux branch: from its test key to its `return dit_config`
         start = text.index("double_blocks.0.img_attn.norm.key_norm.scale")
         end = text.index("return dit_config", start)
         block = text[start:end]
-        for key, expr in self.FLUX_FROM_STATE_DICT.items():
-            block = _sub_once(block, rf'^(\s*dit_config\["{key}"\] = ).*$', lambda m, e=expr: m.group(1) + e,
+        for key, (value, expr) in self.flux_edits().items():
+            block = _sub_once(block, rf'^(\s*dit_config\["{key}"\] = ){value}\s*$', lambda m, e=expr: m.group(1) + e,
                               f'dit_config["{key}"] = ...')
             changed.append(f"{self.detection}: Flux {key} read from the state dict")
         _replace_file(det, text[:start] + block + text[end:])
-        cwd = os.getcwd()
-        try:
-            os.chdir(copy_dir)
-            _patch_json(os.path.join(self.flux_repo, "text_encoder", "config.json"), sizes["clip_l"], changed)
-            _patch_json(os.path.join(self.flux_repo, "text_encoder_2", "config.json"), sizes["t5"], changed)
-            _patch_json(os.path.join(self.flux_repo, "vae", "config.json"), sizes["vae"], changed)
-        finally:
-            os.chdir(cwd)
-        return changed
+
+    def _patch_configs(self, copy_dir: str, sizes: dict, changed: List[str]) -> None:
+        for sub, key in (("text_encoder", "clip_l"), ("text_encoder_2", "t5"), ("vae", "vae")):
+            _patch_json(os.path.join(copy_dir, self.flux_repo, sub, "config.json"), sizes[key], changed)
 
 
 class NeoKind(ForgeKind):
@@ -188,31 +194,15 @@ class NeoKind(ForgeKind):
         # test venv): otherwise it runs `pip install -r`, which needs the network
         return {"REQS_FILE": self.REQS}
 
+    def flux_edits(self) -> Dict[str, tuple]:
+        return {key: (fixed, expr) for key, (fixed, expr) in self.FLUX_FIXED.items()}
+
     def shrink(self, copy_dir: str, sizes: dict) -> List[str]:
-        changed: List[str] = []
-        det = os.path.join(copy_dir, self.detection)
-        with open(det, encoding="utf8") as fh:
-            text = fh.read()
-        start = text.index("double_blocks.0.img_attn.norm.key_norm.scale")
-        end = text.index("return dit_config", start)
-        block = text[start:end]
-        for key, (fixed, expr) in self.FLUX_FIXED.items():
-            block = _sub_once(block, rf'^(\s*dit_config\["{key}"\] = ){fixed}\s*$', lambda m, e=expr: m.group(1) + e,
-                              f'dit_config["{key}"] = {fixed}')
-            changed.append(f"{self.detection}: Flux {key} read from the state dict")
-        _replace_file(det, text[:start] + block + text[end:])
+        changed = super().shrink(copy_dir, sizes)
         with open(os.path.join(copy_dir, "requirements.txt"), encoding="utf8") as fh:
             reqs = [l for l in fh.read().splitlines() if not re.match(r"\s*(torch|setuptools)\b", l)]
         _replace_file(os.path.join(copy_dir, self.REQS), "\n".join(reqs) + "\n")
         changed.append(f"{self.REQS}: the launcher's requirements less torch and setuptools")
-        cwd = os.getcwd()
-        try:
-            os.chdir(copy_dir)
-            _patch_json(os.path.join(self.flux_repo, "text_encoder", "config.json"), sizes["clip_l"], changed)
-            _patch_json(os.path.join(self.flux_repo, "text_encoder_2", "config.json"), sizes["t5"], changed)
-            _patch_json(os.path.join(self.flux_repo, "vae", "config.json"), sizes["vae"], changed)
-        finally:
-            os.chdir(cwd)
         return changed
 
 

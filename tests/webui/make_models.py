@@ -49,27 +49,11 @@ def flux_config(sizes):
                       vec_in_dim=sizes["clip_l"]["hidden_size"])
 
 
-def random_blocks(f, shape, seed=3):
-    """Valid bytes for a format without a quantizer: random codes under a small scale."""
-    g = torch.Generator().manual_seed(seed)
-    rows = shape[0]
-    blocks = torch.randint(0, 256, (rows * shape[1] // f.block_size, f.type_size), generator=g, dtype=torch.uint8)
-    blocks[:, 0], blocks[:, 1] = 0x00, 0x0C
-    return blocks.reshape(rows, -1)
-
-
 def write_flux(path, fmt, sd):
     import lib_gguf
+    from lib_gguf.sample import in_format
 
-    f = lib_gguf.get_format(fmt)
-    q = {}
-    for k, v in sd.items():
-        if v.ndim == 2 and f.is_quantized and f.fits(v.shape[1]) and not k.startswith(("img_in", "final_layer")):
-            data = lib_gguf.quantize(v, fmt) if f.can_quantize else random_blocks(f, v.shape)
-            q[k] = lib_gguf.GGUFParameter(data, fmt, v.shape)
-        else:
-            q[k] = v.half() if v.ndim == 2 else v
-    lib_gguf.save(path, q)
+    lib_gguf.save(path, in_format(sd, fmt))
 
 
 def save(path, sd):
