@@ -74,8 +74,9 @@ def inspect_text(path) -> str:
            f"{total_bytes / 2**20:.2f} MiB of tensor data, "
            f"{total_bytes * 8 / max(total_weights, 1):.3f} bits per weight"]
     arch = f.metadata.get("general.architecture")
-    if arch:
-        out.append(f"architecture: {arch}")
+    if arch or f.architecture:
+        out.append(f"architecture: {f.architecture or arch}")
+    out += [f"read as the model's: {note}" for note in f.notes]  # other tools' conventions (lib_gguf.compat)
     out.append("")
     out += rows
     out.append("")

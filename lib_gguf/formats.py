@@ -177,7 +177,7 @@ def _load_kernels() -> None:
             return
         import importlib
 
-        for mod in ("dequant", "dequant_iq", "quant", "quant_iq", "quant_lattice"):
+        for mod in ("dequant", "dequant_iq", "dequant_q1", "quant", "quant_iq", "quant_lattice"):
             try:
                 importlib.import_module(f"{__package__}.{mod}")
             except ModuleNotFoundError as e:  # a kernel module not written yet

@@ -182,6 +182,8 @@ def fused_linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor] = None,
         raise ValueError(f"no fused kernel for {fmt.name}")
     value, _tab, bs, ts = spec
     n, k = (int(s) for s in weight.gguf_shape)
+    if not fmt.fits(k):
+        raise ValueError(f"{fmt.name} rows of {k} weights are not whole blocks: no fused kernel (dequantize it)")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
@@ -229,6 +231,8 @@ def layer_forward(layer, x: torch.Tensor) -> Optional[torch.Tensor]:
     if w.device != x.device:
         return None
     n, k = (int(s) for s in w.gguf_shape)
+    if not fmt.fits(k):
+        return None  # rows stored across blocks (another tool's reshaped file): dequantize whole
     m = x.numel() // max(1, k)
     if choose(fmt.name, m, n, k, x.dtype) != "fused":
         return None

@@ -5,20 +5,33 @@ at all make no difference), accepts tensor names of any length, and checks every
 count, length, offset and size against the bytes that are really there before it
 allocates anything: bad files give a :class:`GGUFFormatError` naming the file and
 the field or tensor, never a crash, a hang or a huge allocation.
+
+Other tools' conventions (:mod:`lib_gguf.compat`) are honoured unless ``compat=False``:
+tensor shapes come from ``comfy.gguf.orig_shape.*`` (ComfyUI-GGUF) or, where
+stable-diffusion.cpp or llama.cpp stored a tensor in another shape, from what the
+architecture says; a ``model.diffusion_model.`` prefix on every name is stripped; the
+architecture is detected from the names when the file does not say it
+(:attr:`GGUFFile.architecture`); NVFP4 weights' companion scales are applied in
+:meth:`GGUFFile.state_dict`; BF16 1-D tensors come out as float32. Each such change
+is listed in :attr:`GGUFFile.notes`. With ``compat=False`` the file is read as it is.
 """
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
+from . import compat as _compat
 from .errors import GGUFFormatError
 from .formats import GGMLFormat, get_format
+
+log = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -39,6 +52,14 @@ class TensorInfo:
     shape: Tuple[int, ...]  # logical, torch order (rows last-dim-fastest: shape[-1] is GGUF's ne[0])
     offset: int  # absolute offset in the file
     nbytes: int
+    stored_shape: Optional[Tuple[int, ...]] = None  # the file's dims (torch order) when they differ from shape
+    file_name: Optional[str] = None  # the name in the file when it differs from name (a stripped prefix)
+    note: Optional[str] = None  # why shape is not the file's dims
+
+    @property
+    def storage_shape(self) -> Tuple[int, ...]:
+        """The shape the file stores (torch order)."""
+        return self.stored_shape if self.stored_shape is not None else self.shape
 
     @property
     def n_weights(self) -> int:
@@ -106,8 +127,12 @@ class GGUFFile:
     """A parsed GGUF file: ``version``, ``metadata``, ``tensors`` (list of
     :class:`TensorInfo`), and zero-copy tensor views with :meth:`tensor`."""
 
-    def __init__(self, path: Union[str, os.PathLike]):
+    def __init__(self, path: Union[str, os.PathLike], compat: bool = True):
         self.path = Path(path)
+        self.compat = bool(compat)
+        self.notes: List[str] = []  # what was read otherwise than the file says, and why
+        self.architecture: Optional[str] = None  # our architecture name (compat), or the file's value
+        self.companions: Dict[str, Dict[str, str]] = {}  # NVFP4 weight -> {"scale": name, "input_scale": name}
         try:
             fh = open(self.path, "rb")
         except FileNotFoundError:
@@ -194,8 +219,60 @@ class GGUFFile:
                                       f"{c.end}; an incomplete download or copy?)", path=self.path, tensor=name)
             shape = tuple(reversed(dims)) if dims else (1,)
             infos.append(TensorInfo(name, fmt, shape, start, nbytes))
+        arch = meta.get("general.architecture")
+        self.architecture = arch if isinstance(arch, str) else None
+        if self.compat:
+            infos = self._apply_compat(infos)
         self.tensors = infos
         self._by_name = {t.name: t for t in infos}
+
+    def _apply_compat(self, infos: List[TensorInfo]) -> List[TensorInfo]:
+        """Other tools' conventions (see :mod:`lib_gguf.compat`): names, shapes, architecture."""
+        from .recipes import model_architecture
+
+        prefix = _compat.strip_prefix([t.name for t in infos])
+        if prefix:
+            self.notes.append(f"stripped the prefix {prefix!r} from every tensor name")
+        names = [t.name[len(prefix):] if prefix else t.name for t in infos]
+        seen = set()
+        for n in names:
+            if n in seen:
+                raise GGUFFormatError(f"two tensors are named {n!r} once the prefix {prefix!r} is stripped",
+                                      path=self.path, tensor=n)
+            seen.add(n)
+        value = self.metadata.get("general.architecture")
+        arch = model_architecture(value, names)
+        if value is None or not isinstance(value, str):
+            self.notes.append(f"no general.architecture in the file; detected {arch!r} from the tensor names")
+        elif arch != value:
+            self.notes.append(f"general.architecture {value!r} read as {arch!r}")
+        self.architecture = arch
+        stored = {n: t.shape for n, t in zip(names, infos)}
+        out: List[TensorInfo] = []
+        counts: Dict[str, int] = {}
+        for n, t in zip(names, infos):
+            shape, why = t.shape, None
+            orig = _compat.orig_shape(self.metadata, t.name, t.shape, path=self.path)
+            if orig is not None:
+                shape, why = orig, f"{_compat.ORIG_SHAPE_PREFIX}* (ComfyUI-GGUF)"
+            else:
+                fixed = _compat.restore_shape(arch, n, t.shape, stored)
+                if fixed is not None:
+                    shape, why = fixed
+            if shape != t.shape:
+                counts[why] = counts.get(why, 0) + 1
+            out.append(TensorInfo(n, t.format, shape, t.offset, t.nbytes,
+                                  stored_shape=t.shape if shape != t.shape else None,
+                                  file_name=t.name if prefix else None, note=why if shape != t.shape else None))
+        for why, c in counts.items():
+            self.notes.append(f"{c} tensor shape{'s' if c != 1 else ''} restored: {why}")
+        self.companions = _compat.nvfp4_companions({t.name: t.format for t in out})
+        if self.companions:
+            self.notes.append(f"{len(self.companions)} NVFP4 weights with companion scale tensors")
+        return out
+
+    def info(self, name: str) -> TensorInfo:
+        return self._by_name[name]
 
     def tensor(self, name: str) -> torch.Tensor:
         """A zero-copy view of one tensor: a :class:`GGUFParameter` for quantized
@@ -207,18 +284,62 @@ class GGUFFile:
             data = torch.empty(0, dtype=torch.uint8)
         else:
             data = torch.frombuffer(self._mm, dtype=torch.uint8, count=info.nbytes, offset=info.offset)
-        dtype = _FLOAT_DTYPES.get(info.format.type_id)
+        fmt = info.format
+        dtype = _FLOAT_DTYPES.get(fmt.type_id)
         if dtype is not None:
-            return data.view(dtype).reshape(info.shape)
-        return GGUFParameter(data.reshape(info.format.byte_shape(info.shape)), info.format, info.shape)
+            t = data.view(dtype).reshape(info.shape)
+            if self.compat and dtype == torch.bfloat16 and len(info.shape) <= 1:
+                t = t.to(torch.float32)  # as ComfyUI-GGUF: some tools store norms and biases as BF16
+            return t
+        # the bytes keep rows of the logical shape where its rows are whole blocks, and
+        # the file's rows otherwise (a reshaped conv weight: blocks run across its rows)
+        byte_shape = fmt.byte_shape(info.shape if fmt.fits(info.shape[-1]) else info.storage_shape)
+        return GGUFParameter(data.reshape(byte_shape), fmt, info.shape)
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
-        return {t.name: self.tensor(t.name) for t in self.tensors}
+        """Every tensor by name. With ``compat``, NVFP4 weights' companions are folded in:
+        a weight whose ``.scale`` is not 1 comes out dequantized (float32) and multiplied
+        by it, and the ``.scale`` / ``.input_scale`` tensors themselves are left out
+        (``input_scale`` scales activations for FP4 matrix units; a float computation has
+        no use for it)."""
+        if not self.compat or not self.companions:
+            return {t.name: self.tensor(t.name) for t in self.tensors}
+        skip = {c for comp in self.companions.values() for c in comp.values()}
+        out: Dict[str, torch.Tensor] = {}
+        expanded = []
+        for t in self.tensors:
+            if t.name in skip:
+                continue
+            value = self.tensor(t.name)
+            scale_name = self.companions.get(t.name, {}).get("scale")
+            if scale_name is not None:
+                s = self._scalar(scale_name, t.name)
+                if s != 1.0:
+                    value = value.dequantize(torch.float32).mul_(s)
+                    expanded.append(t.name)
+            out[t.name] = value
+        if expanded:
+            log.warning("%s: %d NVFP4 weights have a per-tensor scale other than 1 and were dequantized to float32 "
+                        "to apply it (e.g. %r)", self.path, len(expanded), expanded[0])
+        return out
+
+    def _scalar(self, name: str, weight: str) -> float:
+        v = self.tensor(name)
+        if getattr(v, "gguf_cls", None) is not None:
+            v = v.dequantize(torch.float32)
+        if v.numel() != 1 or not v.is_floating_point():
+            raise GGUFFormatError(f"the scale of NVFP4 weight {weight!r} must be one float, got {v.dtype} "
+                                  f"{list(v.shape)}", path=self.path, tensor=name)
+        s = float(v.reshape(-1)[0])
+        if not s == s or s in (float("inf"), float("-inf")):
+            raise GGUFFormatError(f"the scale of NVFP4 weight {weight!r} is {s}", path=self.path, tensor=name)
+        return s
 
 
-def load_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
-    """All tensors of a GGUF file, memory-mapped (no copy of the tensor data)."""
-    return GGUFFile(path).state_dict()
+def load_state_dict(path: Union[str, os.PathLike], compat: bool = True) -> Dict[str, torch.Tensor]:
+    """All tensors of a GGUF file, memory-mapped (no copy of the tensor data), with the
+    model's names and shapes (``compat=False``: the file's own; see :class:`GGUFFile`)."""
+    return GGUFFile(path, compat=compat).state_dict()
 
 
 def read_metadata(path: Union[str, os.PathLike]) -> Dict[str, Any]:

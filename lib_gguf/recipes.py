@@ -129,6 +129,43 @@ def detect_architecture(names: Iterable[str]) -> str:
     return "generic"
 
 
+# The ``general.architecture`` value other tools expect for our architecture names:
+# ComfyUI-GGUF's loader refuses any value outside its own list ("Unexpected
+# architecture type"), which says ``aura`` for AuraFlow and has no Chroma (it loads
+# Chroma files written as ``flux``, and tells the two apart by their tensor names).
+_FILE_NAMES: Dict[str, str] = {"auraflow": "aura", "chroma": "flux"}
+# ``general.architecture`` values read back as our names (older files of ours wrote
+# ``auraflow`` and ``chroma``, which stay readable).
+_FROM_FILE: Dict[str, str] = {"aura": "auraflow"}
+# Values that say nothing about the model: stable-diffusion.cpp writes no key at all,
+# gguf-node writes these two.
+_NO_ARCH = {None, "", "pig", "cow"}
+
+
+def file_architecture(arch: str) -> str:
+    """The ``general.architecture`` value to write for our architecture name ``arch``."""
+    return _FILE_NAMES.get(arch, arch)
+
+
+def model_architecture(value, names: Iterable[str]) -> str:
+    """Our architecture name for a file whose ``general.architecture`` is ``value``
+    (None when it has none, as stable-diffusion.cpp's files) and whose tensor names
+    are ``names``: ``aura`` -> ``auraflow``, ``flux`` with Chroma's tensors ->
+    ``chroma``; detected from the names when the value says nothing or is not one we
+    know."""
+    names = list(names)
+    value = value if isinstance(value, str) else None
+    if value in _NO_ARCH:
+        return detect_architecture(names)
+    arch = _FROM_FILE.get(value, value)
+    if arch == "flux" and detect_architecture(names) == "chroma":
+        return "chroma"
+    if arch not in _KEEP_HIGH:
+        detected = detect_architecture(names)
+        return detected if detected != "generic" else arch
+    return arch
+
+
 def is_diffusers_flux(names: Iterable[str]) -> bool:
     """Whether the names are diffusers' Flux layout (separate q/k/v), not BFL's."""
     return any(n.startswith(("transformer_blocks.", "single_transformer_blocks.")) and ".attn.to_q." in n

@@ -18,6 +18,15 @@ logical shape), plain float or integer tensors (F32, F16, BF16, F64, I8-I64), or
 *lazy* tensors: objects with ``gguf_cls``, ``gguf_shape`` and ``materialize()``
 (returning the bytes or a float tensor), computed one at a time while writing so
 that a converter holds one tensor in memory, not the model.
+
+Files load in the other tools too (:mod:`lib_gguf.compat`): ``general.architecture``
+is written with the name ComfyUI-GGUF knows (``aura`` for AuraFlow, ``flux`` for
+Chroma), and a quantized tensor whose rows are not whole blocks of its format (an
+SDXL conv weight read from a ComfyUI-GGUF file) is stored reshaped to ``(n / 256,
+256)`` with its shape in ``comfy.gguf.orig_shape.<name>``, as ComfyUI-GGUF's
+convert.py does; ``comfy.gguf.orig_shape.*`` keys given in ``metadata`` are replaced by
+the ones that describe the tensors written. Tensors of any number of dimensions (5-D
+Conv3d weights) and leading dimensions of 1 are written as they are.
 """
 from __future__ import annotations
 
@@ -32,6 +41,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Set, Union
 
 import torch
 
+from . import compat as _compat
 from .errors import GGUFFormatError, OutputPathError
 from .formats import GGMLFormat, get_format
 
@@ -93,7 +103,7 @@ def _describe(name: str, t) -> tuple:
     return get_format(tid), tuple(int(s) for s in t.shape) or (1,)
 
 
-def _bytes_of(name: str, t, fmt: GGMLFormat, shape: tuple, nbytes: int) -> torch.Tensor:
+def _bytes_of(name: str, t, fmt: GGMLFormat, shape: tuple, nbytes: int, stored: Optional[tuple] = None) -> torch.Tensor:
     if hasattr(t, "materialize"):
         t = t.materialize()
     if getattr(t, "gguf_cls", None) is not None or t.dtype == torch.uint8:
@@ -103,7 +113,7 @@ def _bytes_of(name: str, t, fmt: GGMLFormat, shape: tuple, nbytes: int) -> torch
         if want != fmt.type_id:
             from .quant import quantize
 
-            data = quantize(t, fmt, name=name)
+            data = quantize(t.reshape(stored) if stored else t, fmt, name=name)
         else:
             data = t.detach()
     data = data.detach().to("cpu").contiguous().reshape(-1)
@@ -120,7 +130,12 @@ def save(path: Union[str, os.PathLike], tensors: Mapping[str, Any], metadata: Op
     path = Path(path)
     if alignment <= 0 or alignment & (alignment - 1):
         raise GGUFFormatError(f"alignment must be a power of two, got {alignment}", path=path)
-    meta = dict(metadata or {})
+    meta = {k: v for k, v in (metadata or {}).items() if not str(k).startswith(_compat.ORIG_SHAPE_PREFIX)}
+    arch = meta.get("general.architecture")
+    if isinstance(arch, str):
+        from .recipes import file_architecture
+
+        meta["general.architecture"] = file_architecture(arch)
     if alignment != 32:
         meta["general.alignment"] = alignment
     # header: every tensor's format, shape and size is known before any data is made
@@ -129,13 +144,18 @@ def save(path: Union[str, os.PathLike], tensors: Mapping[str, Any], metadata: Op
     long_names = []
     for name, t in tensors.items():
         fmt, shape = _describe(name, t)
+        stored = None
         if not fmt.fits(shape[-1]):
-            raise GGUFFormatError(f"rows of {shape[-1]} are not a whole number of {fmt.name} blocks", tensor=name)
+            stored = _compat.storage_shape(fmt, shape)
+            if stored is None:
+                raise GGUFFormatError(f"rows of {shape[-1]} are not a whole number of {fmt.name} blocks "
+                                      f"(nor is the whole tensor, {list(shape)})", tensor=name)
+            meta[_compat.orig_shape_key(name)] = [int(s) for s in shape]
         n = 1
         for s in shape:
             n *= s
         nbytes = n // fmt.block_size * fmt.type_size
-        entries.append((name, t, fmt, shape, offset, nbytes))
+        entries.append((name, t, fmt, shape, offset, nbytes, stored))
         offset += (nbytes + alignment - 1) // alignment * alignment
         if len(name.encode("utf-8")) > LLAMA_CPP_NAME_LIMIT:
             long_names.append(name)
@@ -149,8 +169,8 @@ def save(path: Union[str, os.PathLike], tensors: Mapping[str, Any], metadata: Op
         else:
             packed = _pack_value(v, k)
         head.append(_pack_string(str(k)) + packed)
-    for name, _t, fmt, shape, off, _n in entries:
-        dims = list(reversed(shape))
+    for name, _t, fmt, shape, off, _n, stored in entries:
+        dims = list(reversed(stored or shape))
         head.append(_pack_string(name) + struct.pack("<I", len(dims)) + struct.pack(f"<{len(dims)}Q", *dims)
                     + struct.pack("<IQ", fmt.type_id, off))
     header = b"".join(head)
@@ -166,8 +186,8 @@ def save(path: Union[str, os.PathLike], tensors: Mapping[str, Any], metadata: Op
             _lock(f)
             _set_mode(f, tmp, _open_mode(path))
             _write(f, header, path)
-            for name, t, fmt, shape, off, nbytes in entries:
-                data = _bytes_of(name, t, fmt, shape, nbytes)
+            for name, t, fmt, shape, off, nbytes, stored in entries:
+                data = _bytes_of(name, t, fmt, shape, nbytes, stored)
                 _write(f, memoryview(data.numpy()), path)
                 _write(f, b"\0" * ((-nbytes) % alignment), path)
                 del data

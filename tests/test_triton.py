@@ -320,3 +320,24 @@ def test_rule(monkeypatch):
         assert linear_triton.choose("Q8_0", 300, 3072, 3072, torch.bfloat16) == "fused"
     finally:
         linear_triton.set_rule(old)
+
+
+def test_rows_that_are_not_whole_blocks_take_the_dequantize_path(monkeypatch, triton_backend):
+    """Another tool's file may store a weight whose rows are not whole blocks as
+    (n/256, 256) rows of bytes (ComfyUI-GGUF's reshape, `comfy.gguf.orig_shape`): the
+    fused kernel, which reads a row's blocks, never takes it; the layer still computes
+    F.linear with the dequantized weight."""
+    from lib_gguf.layers import GGUFLinear
+
+    monkeypatch.setenv("LIB_GGUF_FUSED", "always")
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(256, 320, generator=g)  # 320 weights a row: not whole Q4_K blocks
+    data = lib_gguf.quantize(w.reshape(-1, 256), "Q4_K")  # stored as 320 rows of one block
+    p = lib_gguf.GGUFParameter(data.to(DEVICE), "Q4_K", (256, 320))
+    layer = GGUFLinear.from_linear(torch.nn.Linear(320, 256), p, None).to(DEVICE)
+    x = torch.randn(3, 320, generator=g).to(torch.bfloat16).to(DEVICE)
+    assert linear_triton.layer_forward(layer, x) is None
+    with pytest.raises(ValueError, match="not whole blocks"):
+        linear_triton.fused_linear(x, p)
+    want = F.linear(x.float().cpu(), lib_gguf.dequantize(p, torch.float32).cpu().to(torch.bfloat16).float())
+    _close(layer(x), want, torch.bfloat16)
