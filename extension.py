@@ -58,6 +58,12 @@ def _load_gguf_for_forge(path: str, original, args, kwargs):
         return original(path, *args, **kwargs)
     out = {}
     for k, v in sd.items():
+        fmt = getattr(v, "gguf_cls", None)
+        if fmt is not None and len(v.shape) != 2:
+            # the host's GGUF operations dequantize Linear weights only: a quantized conv
+            # kernel (SDXL/SD1.5 UNets from ComfyUI-GGUF's tools) or 1-D tensor becomes
+            # float once, here, as load_into does
+            v = v.dequantize(torch.float16)
         if getattr(v, "gguf_cls", None) is None:
             if not isinstance(v, torch.nn.Parameter):
                 v = torch.nn.Parameter(v, requires_grad=False)
@@ -311,7 +317,11 @@ def _decide(loader, key: str, plist, online: bool, opts, modes: Dict[str, set]) 
     simple = [p for p in plist if _runtime_capable(p)]
     other = [p for p in plist if not _runtime_capable(p)]
     can_merge = True
-    if fmt is not None and not fmt.can_quantize:
+    if fmt is not None and fmt.can_quantize and not fmt.fits(int(weight.shape[-1])):
+        # rows that are not whole blocks (another tool's reshaped file): a merge cannot
+        # write this format back; it writes F16 (the LoRA removed, the file's bytes return)
+        weight.requantize_to = "F16"
+    elif fmt is not None and not fmt.can_quantize:
         # no quantizer for this format: a merge writes the requantize target the user
         # picked, and runs only when asked for (or for patches only the host can apply)
         try:

@@ -315,11 +315,13 @@ class GGMLFormat:
         by whoever chose to merge) names the format to write instead; ``parent``
         then carries that format."""
         target = self
-        if not self.can_quantize:
+        if not self.can_quantize or not self.fits(int(data.shape[-1])):
             want = getattr(parent, "requantize_to", None)
             if want is None:
+                why = (f"no quantizer for {self.name}" if not self.can_quantize else
+                       f"rows of {int(data.shape[-1])} weights are not whole {self.name} blocks")
                 raise UnsupportedFormatError(
-                    f"no quantizer for {self.name}: merge into a format we can quantize, or apply the LoRA at run time"
+                    f"{why}: merge into a format we can quantize, or apply the LoRA at run time"
                 )
             target = get_format(want)
             if not target.can_quantize or not target.fits(int(data.shape[-1])):

@@ -221,3 +221,33 @@ def test_a_lora_with_non_finite_values_or_strength_is_skipped_whole(caplog):
     assert list(routed) == [("good.safetensors", 1.0, 1.0, True)] and modes == {"Q4_K": "runtime"}
     assert "broken.safetensors" in caplog.text and key in caplog.text and "NaN" in caplog.text
     assert "huge.safetensors" in caplog.text and "not finite" in caplog.text
+
+
+def test_sdxl_style_files_conv_kernels_dequantized_once_and_reshaped_rows_merge_into_f16(tmp_path):
+    """ComfyUI-GGUF's SDXL/SD1.5 files: quantized conv kernels (Forge's GGUF operations
+    dequantize Linear weights only) come back as float16 tensors of the model's shape;
+    a weight whose rows are not whole blocks (stored reshaped) takes a merged LoRA as
+    F16 (Forge's backup gives the file's bytes back when the LoRA goes)."""
+    g = torch.Generator().manual_seed(4)
+    conv = torch.randn(320, 4, 8, 8, generator=g)
+    proj = torch.randn(640, 640, generator=g)
+    sd = {"input_blocks.0.0.weight": lib_gguf.GGUFParameter(lib_gguf.quantize(conv.reshape(-1, 256), "Q8_0"),
+                                                            "Q8_0", conv.shape),
+          "input_blocks.1.1.proj_in.weight": lib_gguf.GGUFParameter(lib_gguf.quantize(proj.reshape(-1, 256), "Q4_K"),
+                                                                    "Q4_K", proj.shape),
+          "input_blocks.1.1.proj_in.bias": torch.zeros(640)}
+    path = tmp_path / "unet.gguf"
+    lib_gguf.save(path, sd, {"general.architecture": "sdxl"})
+    got = extension._make_loader(_host_loader([]))(str(path))
+    c = got["input_blocks.0.0.weight"]
+    assert c.gguf_cls is None and c.dtype == torch.float16 and tuple(c.shape) == (320, 4, 8, 8)
+    assert torch.equal(c, sd["input_blocks.0.0.weight"].dequantize(torch.float16))
+    w = got["input_blocks.1.1.proj_in.weight"]
+    assert w.gguf_cls.name == "Q4_K" and tuple(w.shape) == (640, 640)
+    loader, key = _loader_with(w)
+    parts = extension._decide(loader, key, [_lora(640, 640)], False, LoraOptions(mode_by_format={"Q4_K": "merge"}), {})
+    assert parts[0][0] is False  # merged
+    merged = lib_gguf.dequantize(w, torch.float32) + 0.01
+    w.gguf_cls.quantize_pytorch(merged, w)  # what Forge's LoRA loader calls
+    assert w.gguf_cls.name == "F16" and tuple(w.shape) == (640, 640)
+    assert torch.equal(lib_gguf.dequantize(w, torch.float32), merged.half().float())
