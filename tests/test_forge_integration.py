@@ -90,3 +90,33 @@ def test_every_format_loads_runs_and_takes_loras_in_forge(tmp_path, which_gguf):
             assert res["strength_change"], res
         assert res["base_restored"], (fmt, res)
     assert lines[-1] == {"unregister_restores": True}
+
+
+def test_sdxl_style_unet_files_from_other_tools_load_and_take_loras_in_forge(tmp_path):
+    """An SDXL-layout UNet GGUF as ComfyUI-GGUF's tools write it (conv kernels quantized,
+    tensors that are not whole rows of blocks stored reshaped with comfy.gguf.orig_shape)
+    through Forge's own loader: conv kernels come back as float, the model runs, a LoRA on
+    a transformer projection merges (into F16 where the rows are not whole blocks) and
+    runs at run time alike, and removing it gives back every byte."""
+    import lib_gguf
+
+    formats = ["Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K"]
+    py = os.environ.get("FORGE_PYTHON", sys.executable)
+    r = subprocess.run([py, str(ROOT / "tests" / "forge" / "run_forge_unet_check.py"), str(tmp_path), *formats],
+                       capture_output=True, text=True, env=dict(os.environ), timeout=900)
+    lines = [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
+    assert [l.get("format") for l in lines] == formats, r.stderr[-3000:]
+    for res in lines:
+        fmt = res["format"]
+        assert res["ok"], (fmt, res.get("error"), res.get("trace"))
+        assert res["reshaped_in_file"] > 0 and res["storage_dtype"] == "gguf", res
+        kind, dtype, shape = res["conv_weight"]
+        assert kind == "Parameter" and dtype.startswith("torch.float") and shape == [64, 64, 3, 3], res
+        assert res["proj_in"] == [fmt, [128, 128]] and res["runs"], res
+        assert res["merge_modes"] == {fmt: "merge"} and res["runtime_modes"] == {fmt: "runtime"}, res
+        f = lib_gguf.get_format(fmt)
+        assert res["merge_format"] == (fmt if f.fits(128) else "F16") and res["runtime_format"] == fmt, res
+        # merged: the same change as at run time, up to requantizing the weight once more
+        assert res["lora_changes_output"] > 0 and res["merge_vs_runtime"] < 0.15, res
+        assert 0.85 <= res["merge_keeps"] <= 1.15, res
+        assert res["bytes_restored"] and res["base_restored"], res
