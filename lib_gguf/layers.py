@@ -56,7 +56,38 @@ class GGUFLinear(torch.nn.Module):
             return w.dequantize(dtype, device=device)
         return w.to(device=device, dtype=dtype)
 
+    # -- torch.compile: the graph sees the weight's bytes as a plain uint8 tensor and
+    # dequantizes them with one opaque operator (``lib_gguf::dequantize``), never the
+    # GGUFParameter, whose logical ``.shape`` differs from its storage's (dynamo cannot
+    # guard it). The bytes, format and shape are kept beside the weight, in the module's
+    # ``__dict__`` (not a buffer: no second copy when the module moves), and follow every
+    # assignment of ``weight`` and every move.
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name == "weight":
+            self._sync_compiled_view()
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._sync_compiled_view()
+        return out
+
+    def _sync_compiled_view(self) -> None:
+        w = self._parameters.get("weight")
+        d = self.__dict__
+        if is_gguf(w):
+            d["_gguf_bytes"] = _raw_bytes(w)
+            d["_gguf_type"] = int(w.gguf_cls.type_id)
+            d["_gguf_shape"] = [int(s) for s in w.gguf_shape]
+        else:
+            for k in ("_gguf_bytes", "_gguf_type", "_gguf_shape"):
+                d.pop(k, None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _compiling() and "_gguf_bytes" in self.__dict__ and _DEQUANTIZE_OP is not None:
+            w = _DEQUANTIZE_OP(self._gguf_bytes.to(x.device), self._gguf_type, self._gguf_shape, x.dtype)
+            b = None if self.bias is None else self.bias.to(device=x.device, dtype=x.dtype)
+            return F.linear(x, w, b)
         if _fused_candidate(self.weight, x):
             from .linear_triton import layer_forward
 
@@ -71,6 +102,41 @@ class GGUFLinear(torch.nn.Module):
         fmt = getattr(self.weight, "gguf_cls", None)
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"format={fmt.name if fmt is not None else str(self.weight.dtype)}")
+
+
+def _raw_bytes(w) -> torch.Tensor:
+    from .parameter import _raw
+
+    return _raw(w)
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
+def _make_dequantize_op():
+    """``lib_gguf::dequantize(bytes, type_id, shape, dtype)`` as a custom operator with
+    a fake (shape-only) kernel, for torch.compile; None on a torch without
+    ``torch.library.custom_op`` (before 2.4): there, a compiled module breaks its graph
+    at each GGUF layer and runs it eagerly."""
+    custom_op = getattr(torch.library, "custom_op", None)
+    if custom_op is None:
+        return None
+    @custom_op("lib_gguf::dequantize", mutates_args=())
+    def dequantize_op(data: torch.Tensor, type_id: int, shape: List[int], dtype: torch.dtype) -> torch.Tensor:
+        from .formats import get_format
+
+        return get_format(type_id).dequantize(data, shape, dtype)
+
+    @dequantize_op.register_fake
+    def _(data, type_id, shape, dtype):
+        return data.new_empty(shape, dtype=dtype)
+
+    return dequantize_op
+
+
+_DEQUANTIZE_OP = _make_dequantize_op()
 
 
 def _fused_candidate(w, x: torch.Tensor) -> bool:
