@@ -11,23 +11,11 @@ Prints one JSON line per format.
 import json
 import os
 import sys
-import types
 
-FORGE = os.environ["FORGE_DIR"]
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-out_dir, formats = sys.argv[1], sys.argv[2:]
-sys.argv = [sys.argv[0], "--always-cpu"]  # Forge parses its arguments on import
-sys.path.insert(0, FORGE)
-sys.path.insert(1, os.path.join(FORGE, "repositories", "huggingface_guess"))
-sys.path.insert(0, ROOT)
-WHICH = os.environ.get("FORGE_GGUF", "first-found")
-if WHICH == "bundled":  # PyPI gguf absent: Forge's own copy is what ``import gguf`` finds
-    sys.path.insert(1, os.path.join(FORGE, "packages_3rdparty"))
-elif WHICH == "newest":  # the newest PyPI gguf, installed in $FORGE_GGUF_NEWEST, wins the import
-    sys.path.insert(1, os.environ["FORGE_GGUF_NEWEST"])
-    sys.path.append(os.path.join(FORGE, "packages_3rdparty"))
-else:
-    sys.path.append(os.path.join(FORGE, "packages_3rdparty"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from forge_env import ARGS, cpu_patcher, load_as_forge_does, snapshot  # noqa: E402  (sets up the paths)
+
+out_dir, formats = ARGS[0], ARGS[1:]
 
 import torch  # noqa: E402
 
@@ -35,10 +23,9 @@ import extension  # noqa: E402
 import lib_gguf  # noqa: E402
 from lib_gguf.sample import FluxConfig, in_format, tiny_flux_state_dict  # noqa: E402
 
-from backend import loader as bloader, memory_management, utils  # noqa: E402
+from backend import utils  # noqa: E402
 from backend.memory_management import LoadedModel  # noqa: E402
 from lib_lora.policy import LoraOptions  # noqa: E402
-from backend.patcher.base import ModelPatcher  # noqa: E402
 
 import gguf  # noqa: E402
 
@@ -56,21 +43,8 @@ def write(fmt):
 
 
 def build(path):
-    """Load a checkpoint as Forge's UI does: ``load_torch_file`` (ours, registered),
-    then Forge's ``backend.loader.load_huggingface_component``, which picks the
-    storage dtype (``state_dict_dtype``), prints the GGUF statistics (reading
-    ``gguf_cls.__name__``) and builds the model with the matching operations. The
-    guess is Forge's Flux guess with this small model's sizes."""
-    state = utils.load_torch_file(path)
-    guess = types.SimpleNamespace(unet_config=cfg.as_kwargs(),
-                                  supported_inference_dtypes=[torch.bfloat16, torch.float16, torch.float32])
-    model = bloader.load_huggingface_component(guess, "transformer", "diffusers", "FluxTransformer2DModel",
-                                               os.path.join(FORGE, "backend", "huggingface"), state)
-    assert model is not None, "Forge's loader skipped the transformer"
-    # what Forge's model_load does before any forward: bake, then refresh the LoRAs
-    memory_management.bake_gguf_model(model)
-    ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu")).refresh_loras()
-    return model
+    return load_as_forge_does(path, cfg.as_kwargs(), "transformer", "FluxTransformer2DModel",
+                              [torch.bfloat16, torch.float16, torch.float32])
 
 
 def run(model):
@@ -81,11 +55,6 @@ def run(model):
     with torch.no_grad():
         return model(x, torch.tensor([0.5]), ctx, y, guidance=torch.tensor([3.5])).float()
 
-
-def snapshot(model):
-    return {k: (p.data.clone() if getattr(p, "gguf_cls", None) is not None else p.detach().clone(),
-                getattr(getattr(p, "gguf_cls", None), "name", None))
-            for k, p in model.named_parameters()}
 
 
 R = 8
@@ -98,7 +67,7 @@ def float_reference():
     """F16 weights, the LoRA merged by Forge in float: what every format should come close to."""
     model = build(write("F16"))
     base = run(model)
-    patcher = ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    patcher = cpu_patcher(model)
     patcher.add_patches(filename="t.safetensors", patches={KEY: ("lora", (UP, DOWN, None, None, None))})
     patcher.refresh_loras()
     return base, run(model)
@@ -132,7 +101,7 @@ for fmt in formats:
         base = run(model)
         res["runs"] = bool(torch.isfinite(base).all())
         before = snapshot(model)
-        patcher = ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+        patcher = cpu_patcher(model)
         delta_out = {}
         # "auto" with no per-format choice: Forge's own switch decides (merge / run time)
         use_options(default_gguf_mode="auto")

@@ -15,16 +15,11 @@ to its exact bytes when the LoRA is removed. Prints one JSON line per format.
 import json
 import os
 import sys
-import types
 
-FORGE = os.environ["FORGE_DIR"]
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-out_dir, formats = sys.argv[1], sys.argv[2:]
-sys.argv = [sys.argv[0], "--always-cpu"]  # Forge parses its arguments on import
-sys.path.insert(0, FORGE)
-sys.path.insert(1, os.path.join(FORGE, "repositories", "huggingface_guess"))
-sys.path.insert(0, ROOT)
-sys.path.append(os.path.join(FORGE, "packages_3rdparty"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from forge_env import ARGS, cpu_patcher, load_as_forge_does, snapshot  # noqa: E402  (sets up the paths)
+
+out_dir, formats = ARGS[0], ARGS[1:]
 
 import torch  # noqa: E402
 
@@ -32,9 +27,8 @@ import extension  # noqa: E402
 import lib_gguf  # noqa: E402
 from lib_lora.policy import LoraOptions  # noqa: E402
 
-from backend import loader as bloader, memory_management, utils  # noqa: E402
+from backend import utils  # noqa: E402
 from backend.nn.unet import IntegratedUNet2DConditionModel  # noqa: E402
-from backend.patcher.base import ModelPatcher  # noqa: E402
 
 assert extension.register()
 CFG = dict(in_channels=4, model_channels=64, out_channels=4, num_res_blocks=[1, 1], channel_mult=[1, 2],
@@ -70,13 +64,7 @@ def write(fmt, sd):
 
 
 def build(path):
-    state = utils.load_torch_file(path)
-    guess = types.SimpleNamespace(unet_config=dict(CFG), supported_inference_dtypes=[torch.float16, torch.float32])
-    model = bloader.load_huggingface_component(guess, "unet", "diffusers", "UNet2DConditionModel",
-                                               os.path.join(FORGE, "backend", "huggingface"), state)
-    memory_management.bake_gguf_model(model)
-    ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu")).refresh_loras()
-    return model
+    return load_as_forge_does(path, CFG, "unet", "UNet2DConditionModel", [torch.float16, torch.float32])
 
 
 def run(model):
@@ -87,10 +75,6 @@ def run(model):
     with torch.no_grad():
         return model(x, timesteps=torch.tensor([500.0]), context=ctx, y=y).float()
 
-
-def snapshot(model):
-    return {k: (p.data.clone(), getattr(getattr(p, "gguf_cls", None), "name", None))
-            for k, p in model.named_parameters()}
 
 
 sd = reference_state_dict()
@@ -109,7 +93,7 @@ for fmt in formats:
         base = run(model)
         res["runs"] = bool(torch.isfinite(base).all())
         before = snapshot(model)
-        patcher = ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+        patcher = cpu_patcher(model)
         g = torch.Generator().manual_seed(2)
         n_out, n_in = w.shape
         up, down = torch.randn(n_out, 4, generator=g), torch.randn(4, n_in, generator=g)
