@@ -135,12 +135,17 @@ if triton is not None:
         return db * _signed(g, _ksign((aux1 >> (7 * l)) & 0x7F), j % 8)
 
     @triton.jit
-    def iq2_xs(src, off, j, mask, tab):
-        d = f16f(src, off, mask)
+    def _iq2_scale(src, off, j, mask, at):
+        """IQ2_XS / IQ2_S: group ``ib`` of 32, its quarter ``l``, and the 4-bit scale of
+        that half group (the nibbles at byte ``at + ib``) times d."""
         ib = j // 32
         l = (j // 8) % 4
-        sc = (u8(src, off + 66 + ib, mask) >> ((l // 2) * 4)) & 0x0F
-        db = d * (0.5 + sc.to(tl.float32)) * 0.25
+        sc = (u8(src, off + at + ib, mask) >> ((l // 2) * 4)) & 0x0F
+        return ib, l, f16f(src, off, mask) * (0.5 + sc.to(tl.float32)) * 0.25
+
+    @triton.jit
+    def iq2_xs(src, off, j, mask, tab):
+        ib, l, db = _iq2_scale(src, off, j, mask, 66)
         p = off + 2 + (ib * 4 + l) * 2
         q16 = u8(src, p, mask) | (u8(src, p + 1, mask) << 8)
         g = tl.load(tab + (q16 & 511) * 8 + (j % 8))
@@ -148,11 +153,7 @@ if triton is not None:
 
     @triton.jit
     def iq2_s(src, off, j, mask, tab):
-        d = f16f(src, off, mask)
-        ib = j // 32
-        l = (j // 8) % 4
-        sc = (u8(src, off + 74 + ib, mask) >> ((l // 2) * 4)) & 0x0F
-        db = d * (0.5 + sc.to(tl.float32)) * 0.25
+        ib, l, db = _iq2_scale(src, off, j, mask, 74)
         hi = (u8(src, off + 66 + ib, mask) >> (2 * l)) & 0x03
         idx = u8(src, off + 2 + ib * 4 + l, mask) | (hi << 8)
         g = tl.load(tab + idx * 8 + (j % 8))

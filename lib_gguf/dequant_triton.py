@@ -243,24 +243,22 @@ if triton is not None:
         return sc, mn
 
     @triton.jit
-    def q4_k(src, off, j, mask, tab):
-        d = f16f(src, off, mask)
-        dmin = f16f(src, off + 2, mask)
-        sb = j // 32
+    def _k_dl_ml(src, off, sb, mask):
+        """Q4_K / Q5_K: sub-block ``sb``'s scale and offset, d * scale and dmin * min."""
         sc, mn = _k_scale_min(src, off, sb, mask)
-        dl = d * sc.to(tl.float32)
-        ml = dmin * mn.to(tl.float32)
+        return f16f(src, off, mask) * sc.to(tl.float32), f16f(src, off + 2, mask) * mn.to(tl.float32)
+
+    @triton.jit
+    def q4_k(src, off, j, mask, tab):
+        sb = j // 32
+        dl, ml = _k_dl_ml(src, off, sb, mask)
         q = (u8(src, off + 16 + (j // 64) * 32 + (j % 32), mask) >> ((sb % 2) * 4)) & 0x0F
         return q.to(tl.float32) * dl - ml
 
     @triton.jit
     def q5_k(src, off, j, mask, tab):
-        d = f16f(src, off, mask)
-        dmin = f16f(src, off + 2, mask)
         sb = j // 32
-        sc, mn = _k_scale_min(src, off, sb, mask)
-        dl = d * sc.to(tl.float32)
-        ml = dmin * mn.to(tl.float32)
+        dl, ml = _k_dl_ml(src, off, sb, mask)
         q = (u8(src, off + 48 + (j // 64) * 32 + (j % 32), mask) >> ((sb % 2) * 4)) & 0x0F
         q = q | (((u8(src, off + 16 + (j % 32), mask) >> sb) & 1) << 4)
         return q.to(tl.float32) * dl - ml

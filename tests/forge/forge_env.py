@@ -55,3 +55,23 @@ def snapshot(model):
     """Every parameter's bytes (or values) and format, to compare after a LoRA is removed."""
     return {k: (p.data.clone(), getattr(getattr(p, "gguf_cls", None), "name", None))
             for k, p in model.named_parameters()}
+
+
+def removal_restores(patcher, model, before, base, run) -> dict:
+    """Remove every LoRA (Forge's refresh with no patches): the same bytes and formats as
+    ``before`` (a :func:`snapshot`), and the same output as ``base``."""
+    import torch
+
+    patcher.lora_patches = {}
+    patcher.refresh_loras()
+    after = snapshot(model)
+    return {"bytes_restored": all(torch.equal(before[k][0], after[k][0]) and before[k][1] == after[k][1]
+                                  for k in before),
+            "base_restored": bool(torch.equal(run(model), base))}
+
+
+def failure(e: BaseException) -> dict:
+    """A format's failure as a result line: reported, not raised (one line per format)."""
+    import traceback
+
+    return {"ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}

@@ -13,7 +13,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from forge_env import ARGS, cpu_patcher, load_as_forge_does, snapshot  # noqa: E402  (sets up the paths)
+from forge_env import ARGS, cpu_patcher, failure, load_as_forge_does, removal_restores, snapshot  # noqa: E402  (sets up the paths)
 
 out_dir, formats = ARGS[0], ARGS[1:]
 
@@ -169,19 +169,11 @@ for fmt in formats:
             with_lora(patcher, online=False, strength=1.0)
             res["strength_change"] = bool(not torch.equal(half, ref) and not torch.equal(half, base)
                                           and torch.equal(run(model), ref))
-        patcher.lora_patches = {}
-        patcher.refresh_loras()
-        after = snapshot(model)
-        res["bytes_restored"] = all(torch.equal(before[k][0], after[k][0]) and before[k][1] == after[k][1]
-                                    for k in before)
+        res.update(removal_restores(patcher, model, before, base, run))
         res["hooks_after_remove"] = hooks(model)
-        res["base_restored"] = bool(torch.equal(run(model), base))
         res["ok"] = True
-    except Exception as e:  # reported, not raised: one line per format
-        import traceback
-        res["ok"] = False
-        res["error"] = f"{type(e).__name__}: {e}"
-        res["trace"] = traceback.format_exc()[-1500:]
+    except Exception as e:
+        res.update(failure(e))
     print(json.dumps(res), flush=True)
 
 extension.unregister()

@@ -17,7 +17,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from forge_env import ARGS, cpu_patcher, load_as_forge_does, snapshot  # noqa: E402  (sets up the paths)
+from forge_env import ARGS, cpu_patcher, failure, load_as_forge_does, removal_restores, snapshot  # noqa: E402  (sets up the paths)
 
 out_dir, formats = ARGS[0], ARGS[1:]
 
@@ -110,19 +110,10 @@ for fmt in formats:
         res["lora_changes_output"] = effect
         res["merge_vs_runtime"] = float((outs["merge"] - outs["runtime"]).abs().max()) / max(effect, 1e-12)
         res["merge_keeps"] = float((outs["merge"] - base).abs().max()) / max(effect, 1e-12)
-        patcher.lora_patches = {}
-        patcher.refresh_loras()
-        after = snapshot(model)
-        res["bytes_restored"] = all(torch.equal(before[k][0], after[k][0]) and before[k][1] == after[k][1]
-                                    for k in before)
-        res["base_restored"] = bool(torch.equal(run(model), base))
+        res.update(removal_restores(patcher, model, before, base, run))
         res["ok"] = True
-    except Exception as e:  # reported, not raised: one line per format
-        import traceback
-
-        res["ok"] = False
-        res["error"] = f"{type(e).__name__}: {e}"
-        res["trace"] = traceback.format_exc()[-2000:]
+    except Exception as e:
+        res.update(failure(e))
     finally:
         extension.set_options_provider(None)
     print(json.dumps(res), flush=True)
