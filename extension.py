@@ -124,26 +124,33 @@ def patch_kind(p) -> str:
     return str(getattr(v, "name", type(v).__name__))
 
 
-def forge_patches_to_lib_lora(key: str, patches) -> Tuple[List[tuple], List]:
-    """Split the host's patch list for one weight into (lib_lora patches with strengths,
-    patches left to the host). Only plain low-rank LoRAs (no mid, no DoRA, strength_model
-    1, no function, offsets along the output dim) run as deltas; both Forge's tuples and
-    Forge Neo's weight adapters are read."""
+def _read_host_patch(key: str, p):
+    """``(lib_lora Patch, strength)`` for a host patch we run as a delta: a plain low-rank
+    LoRA (no mid, no DoRA, strength_model 1, no function, an offset along the output
+    dim), Forge's tuple or Forge Neo's weight adapter; None for any other."""
     from lib_lora.loader import Patch
 
+    strength_patch, v, strength_model, offset, function = _patch_parts(p)
+    factors = _lowrank_factors(v)
+    if factors is None or function is not None or strength_model not in (None, 1.0) or \
+            (offset is not None and offset[0] != 0):
+        return None
+    up, down, alpha = factors
+    sl = None if offset is None else (0, int(offset[1]), int(offset[2]))
+    return (Patch(key, "lora", {"up": up, "down": down}, None if alpha is None else float(alpha), None, sl, key),
+            float(strength_patch))
+
+
+def forge_patches_to_lib_lora(key: str, patches) -> Tuple[List[tuple], List]:
+    """Split the host's patch list for one weight into (lib_lora patches with strengths,
+    patches left to the host): see :func:`_read_host_patch`."""
     ours, theirs = [], []
     for p in patches:
-        strength_patch, v, strength_model, offset, function = _patch_parts(p)
-        factors = _lowrank_factors(v)
-        simple = (factors is not None and function is None and (strength_model in (None, 1.0))
-                  and (offset is None or offset[0] == 0))
-        if not simple:
+        r = _read_host_patch(key, p)
+        if r is None:
             theirs.append(p)
-            continue
-        up, down, alpha = factors
-        sl = None if offset is None else (0, int(offset[1]), int(offset[2]))
-        ours.append((Patch(key, "lora", {"up": up, "down": down}, None if alpha is None else float(alpha), None, sl,
-                           key), float(strength_patch)))
+        else:
+            ours.append(r)
     return ours, theirs
 
 
@@ -181,30 +188,23 @@ def _options():
     return opts
 
 
+def _patchers_of(sd_model) -> list:
+    """The model patchers of a Forge model's parts (UNet/transformer, text encoders, VAE)."""
+    fo = getattr(sd_model, "forge_objects", None)
+    objs = [getattr(fo, name, None) for name in ("unet", "clip", "vae")]
+    return [o if hasattr(o, "lora_loader") else getattr(o, "patcher", None) for o in objs
+            if hasattr(o, "lora_loader") or hasattr(getattr(o, "patcher", None), "lora_loader")]
+
+
 def _loaders_of(sd_model) -> list:
-    """The LoRA loaders of a Forge model's parts (UNet/transformer, text encoders, VAE);
-    of a single part when given one (a ``ModelPatcher``, or a module with its loader)."""
+    """The LoRA loaders of a Forge model's parts; of a single part when given one (a
+    ``ModelPatcher``, or a module with its loader)."""
     if not hasattr(sd_model, "forge_objects") and hasattr(sd_model, "lora_loader"):
         return [sd_model.lora_loader]
-    fo = getattr(sd_model, "forge_objects", None)
     out = []
-    for name in ("unet", "clip", "vae"):
-        obj = getattr(fo, name, None)
-        patcher = obj if hasattr(obj, "lora_loader") else getattr(obj, "patcher", None)
-        loader = getattr(patcher, "lora_loader", None)
-        if loader is not None and loader not in out:
-            out.append(loader)
-    return out
-
-
-def _patchers_of(sd_model) -> list:
-    fo = getattr(sd_model, "forge_objects", None)
-    out = []
-    for name in ("unet", "clip", "vae"):
-        obj = getattr(fo, name, None)
-        patcher = obj if hasattr(obj, "lora_loader") else getattr(obj, "patcher", None)
-        if patcher is not None and hasattr(patcher, "refresh_loras"):
-            out.append(patcher)
+    for patcher in _patchers_of(sd_model):
+        if patcher.lora_loader is not None and patcher.lora_loader not in out:
+            out.append(patcher.lora_loader)
     return out
 
 
@@ -239,7 +239,7 @@ def apply_options_now(sd_model) -> int:
     except Exception:
         loaded = set()
     n = 0
-    for patcher in _patchers_of(sd_model):
+    for patcher in filter(lambda p: hasattr(p, "refresh_loras"), _patchers_of(sd_model)):
         loader = patcher.lora_loader
         old = getattr(loader, "_gguf_options_sig", None)
         if old is None or old == sig or id(patcher) not in loaded:
@@ -298,71 +298,34 @@ def _weight_and_format(loader, key: str):
 
 
 def _decide(loader, key: str, plist, online: bool, opts, modes: Dict[str, set]) -> List[Tuple[bool, list]]:
-    """Where this weight's patches go: ``[(online, patches), ...]`` (online: run time).
+    """Where this weight's patches go: ``[(online, patches), ...]`` (online: run time),
+    as :func:`lib_lora.policy.decide` says for the weight's file format, with Forge's
+    switch (``online``) as the hint for ``auto``. The plain low-rank LoRAs are the
+    patches we run at run time; the rest (LoHa, LoKr, DoRA, ...) goes to the host's
+    merge. Weights not from a GGUF file keep Forge's choice."""
+    from lib_lora.policy import decide, is_linear_weight
 
-    The user's choice for the weight's file format decides (its own entry, else the
-    default for quantized GGUF formats or for float ones; ``auto`` follows Forge's
-    switch, and a merge that would keep too little of the delta runs at run time).
-    At run time go only the plain low-rank LoRAs we can run as deltas; the rest (LoHa,
-    LoKr, DoRA, ...) is merged by the host, which every host applies, whatever its
-    GGUF layer does with online patches. Weights not from a GGUF file keep Forge's choice."""
     weight, fmt, name = _weight_and_format(loader, key)
     if name is None:
         return [(online, plist)]
-    if fmt is None:  # a float weight of a GGUF file
-        choice = opts.mode_by_format.get(name) or opts.default_mode
-    else:
-        choice = opts.mode_by_format.get(name) or opts.default_gguf_mode
-    want = ("runtime" if online else "merge") if choice == "auto" else choice
-    simple = [p for p in plist if _runtime_capable(p)]
-    other = [p for p in plist if not _runtime_capable(p)]
-    can_merge = True
-    if fmt is not None and fmt.can_quantize and not fmt.fits(int(weight.shape[-1])):
-        # rows that are not whole blocks (another tool's reshaped file): a merge cannot
-        # write this format back; it writes F16 (the LoRA removed, the file's bytes return)
-        weight.requantize_to = "F16"
-    elif fmt is not None and not fmt.can_quantize:
-        # no quantizer for this format: a merge writes the requantize target the user
-        # picked, and runs only when asked for (or for patches only the host can apply)
-        try:
-            from lib_gguf import get_format
-
-            tfmt = get_format(opts.target_for(fmt))
-            can_merge = tfmt.can_quantize and tfmt.fits(int(weight.shape[-1]))
-        except Exception:
-            can_merge = False
-        if can_merge:
-            weight.requantize_to = tfmt.name
-        if want == "merge" and (choice != "merge" or not can_merge):
-            want = "runtime"
-    if want == "merge" and fmt is not None and choice == "auto" and simple and not other:
-        from lib_lora.apply import merge_keep
-
-        ours, _ = forge_patches_to_lib_lora(key, simple)
-        try:
-            kept = merge_keep(weight, ours, opts)
-        except Exception as e:  # the estimate is advice; Forge's own merge will report real errors
-            log.debug("merge estimate failed for %s: %s", key, e)
-            kept = 1.0
-        if kept < opts.keep_threshold:
-            log.info("GGUF LoRA: %s (%s) at run time: a merge would keep %.0f%% of the delta", key, name, 100 * kept)
-            want = "runtime"
-    if want == "merge":
-        modes.setdefault(name, set()).add("merge")
-        return [(False, plist)]
-    parts: List[Tuple[bool, list]] = []
-    if simple:
-        modes.setdefault(name, set()).add("runtime")
-        parts.append((True, simple))
-    if other:
-        kinds = ", ".join(sorted({patch_kind(p) for p in other}))
-        if can_merge:
-            modes.setdefault(name, set()).add("merge")
-            parts.append((False, other))
-            log.info("GGUF LoRA: %s: %s patches merged (only plain LoRAs run at run time)", key, kinds)
-        else:
-            log.warning("GGUF LoRA: %s (%s): %s patches skipped: no run-time form and no format to merge into",
-                        key, name, kinds)
+    read = [(p, _read_host_patch(key, p)) for p in plist]
+    simple = [p for p, r in read if r is not None]
+    other = [p for p, r in read if r is None]
+    attr = key.rsplit(".", 1)[-1]
+    d = decide(weight if fmt is not None else name, [r for _p, r in read if r is not None], opts,
+               shape=tuple(weight.shape), hint="runtime" if online else "merge",
+               linear=is_linear_weight(_layer_of(getattr(loader, "model", None), key), attr, weight),
+               others=[patch_kind(p) for p in other])
+    if fmt is not None and d.target != fmt.name:
+        weight.requantize_to = d.target  # Forge's merge writes this format (no quantizer, or rows not whole blocks)
+    if d.kept is not None and d.mode == "runtime":
+        log.info("GGUF LoRA: %s (%s) at run time: %s", key, name, d.why)
+    parts: List[Tuple[bool, list]] = [(False, plist)] if d.mode == "merge" else \
+        [(True, simple)] * bool(simple) + [(False, other)] * bool(other)
+    if d.mode == "runtime" and other:
+        log.info("GGUF LoRA: %s: %s patches merged (only plain LoRAs run at run time)", key,
+                 ", ".join(sorted(set(d.others))))
+    modes.setdefault(name, set()).update("runtime" if online_part else "merge" for online_part, _ in parts)
     return parts
 
 
@@ -406,10 +369,6 @@ def non_finite(group_key, patches) -> str:
                 if not _finite(t):
                     return f"{key}: the LoRA's {patch_kind(p)} tensors hold NaN or infinite values"
     return ""
-
-
-def _runtime_capable(p) -> bool:
-    return bool(forge_patches_to_lib_lora("", [p])[0])
 
 
 def route_patches(loader, lora_patches, opts) -> Tuple[dict, Dict[str, str]]:
@@ -520,9 +479,9 @@ def _wrap_refresh(original):
 
 
 def _attach_runtime(loader, opts=None) -> None:
-    from lib_lora.apply import _DTYPES, attach_runtime
+    from lib_lora.apply import attach_runtime
 
-    compute_dtype = _DTYPES.get(opts.compute_dtype) if opts is not None else None
+    compute_dtype = opts.torch_compute_dtype() if opts is not None else None
     for layer in set(getattr(loader, "online_backup", [])):
         patches = getattr(layer, "forge_online_loras", None)
         if not patches or "weight" not in patches:
@@ -630,7 +589,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--model", default=None, help="a .gguf file (default: a small built-in sample model)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from scripts.gguf_ui import serve
+    from gguf_tab.app import serve
 
     serve(port=args.port, model=args.model)
     return 0

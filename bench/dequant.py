@@ -41,13 +41,6 @@ import gguf  # noqa: E402
 from lib_gguf import formats as F  # noqa: E402
 from lib_gguf.dequant import dequantize  # noqa: E402
 
-# byte offsets of float16 scale fields, to make random bytes' scales finite and realistic
-F16_FIELDS = {
-    "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q8_1": [0, 2],
-    "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208],
-    "IQ2_XXS": [0], "IQ2_XS": [0], "IQ2_S": [0], "IQ3_XXS": [0], "IQ3_S": [0], "IQ1_S": [0],
-    "IQ4_NL": [0], "IQ4_XS": [0], "TQ1_0": [52], "TQ2_0": [64],
-}
 
 
 def load_comfy(path):
@@ -108,10 +101,8 @@ def make_bytes(name, rows, cols, seed=0):
             pass
     nb = rows * cols // fmt.block_size
     raw = rng.integers(0, 256, (nb, fmt.type_size), dtype=np.uint8)
-    offs = F16_FIELDS.get(name)
-    if offs is None and fmt.type_size >= 2 and fmt.family not in ("fp4",):
-        offs = []
-    for off in offs or []:
+    # realistic, finite float16 scales (from the format's layout)
+    for off in [f.offset for f in (fmt.layout.float_fields() if fmt.layout else ()) if f.kind == "f16"]:
         scale = rng.uniform(1e-4, 2e-3, nb).astype(np.float16).view(np.uint8).reshape(nb, 2)
         raw[:, off : off + 2] = scale
     return raw.reshape(rows, -1), "random bytes"
@@ -142,7 +133,7 @@ def main(argv=None):
     ap.add_argument("--formats", default="", help="comma-separated subset (default: every format we dequantize)")
     ap.add_argument("--backend", default="auto", choices=["auto", "torch", "numba"])
     args = ap.parse_args(argv)
-    from lib_gguf import backend as bk, dequant_numba
+    from lib_gguf import backend as bk, numba_kernels
 
     bk.set_backend(args.backend)
 
@@ -155,7 +146,7 @@ def main(argv=None):
         f"machine: {platform.platform()}, {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
         f"numpy {np.__version__}, gguf {_gguf_version()}, "
-        + (f"numba {__import__('numba').__version__}" if dequant_numba.available() else "no numba")
+        + (f"numba {__import__('numba').__version__}" if numba_kernels.available() else "no numba")
     )
     if comfy_err:
         print(f"ComfyUI-GGUF: {comfy_err}")
@@ -173,7 +164,6 @@ def main(argv=None):
     print(f"ceiling (int8 -> float16 conversion, same weights): {ceiling:.0f} Mweights/s")
     print()
 
-    F._load_kernels()
     wanted = [s.strip().upper() for s in args.formats.split(",") if s.strip()]
     names = [f.name for f in F.FORMATS.values() if f.is_quantized and f.can_dequantize]
     if wanted:
@@ -191,7 +181,7 @@ def main(argv=None):
         data = torch.from_numpy(np.ascontiguousarray(raw))
         shape = (rows, cols)
         fns = {"ours": lambda: dequantize(data, fmt.type_id, shape, torch.float16)}
-        compiled = args.backend != "torch" and dequant_numba.has_kernel(fmt.type_id)
+        compiled = args.backend != "torch" and fmt.kernels.numba_dequantize
         if compiled:
             def torch_only():
                 old = bk.set_backend("torch")

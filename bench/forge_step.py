@@ -21,12 +21,10 @@ if not FORGE:
     sys.exit("set FORGE_DIR to a Forge checkout")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ap = argparse.ArgumentParser()
-ap.add_argument("--hidden", type=int, default=1024)
-ap.add_argument("--depth", type=int, default=2)
-ap.add_argument("--single", type=int, default=2)
-ap.add_argument("--tokens", type=int, default=1024, help="image tokens (latent pixels / 4)")
-ap.add_argument("--rank", type=int, default=16)
-ap.add_argument("--repeat", type=int, default=3)
+for _flag, _default, _help in (("hidden", 1024, "model width"), ("depth", 2, "double blocks"),
+                               ("single", 2, "single blocks"), ("tokens", 1024, "image tokens (latent pixels / 4)"),
+                               ("rank", 16, "LoRA rank"), ("repeat", 3, "timed steps")):
+    ap.add_argument(f"--{_flag}", type=int, default=_default, help=_help)
 a = ap.parse_args()
 sys.argv = [sys.argv[0], "--always-cpu"]
 sys.path.insert(0, ROOT)

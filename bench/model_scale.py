@@ -12,7 +12,7 @@ weights, 3.2 GB), then, each in a fresh process so that its peak memory is its o
   memory-mapped source are not counted, the goal is about memory beyond them);
 * ggml's C quantizer (``ggml-python``, single thread) on the same tensors in the same
   formats, for the ratio (skipped with a note when ggml-python is not installed);
-* ``bake-lora`` of a rank-16 kohya LoRA on every linear of every block into the
+* a bake (``python -m lib_lora bake``) of a rank-16 kohya LoRA on every linear of every block into the
   converted file: its wall time beside the convert's time for the tensors it touches.
 
 Goals (issue 12): a 12 B Flux to Q4_K_S in at most 5 minutes on two cores (the
@@ -69,7 +69,7 @@ def timed_quantize(x, fmt, *a, name=None, **k):
     if name:
         per_tensor[name] = per_tensor.get(name, 0.0) + dt
     return out
-quant.quantize = timed_quantize
+quant.quantize = converter.quantize = timed_quantize  # the converter calls its own reference
 orig_open = converter.open_source
 def open_source(src):
     s = orig_open(src)

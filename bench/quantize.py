@@ -33,7 +33,7 @@ import lib_gguf  # noqa: E402
 from lib_gguf import ggml_ref  # noqa: E402
 from lib_gguf.formats import FORMATS  # noqa: E402
 
-ORACLE = Path(os.environ.get("GGML_ORACLE", Path(__file__).resolve().parents[2] / "shared/oracle/ggml_quants.npz"))
+ORACLE = Path(__file__).resolve().parents[1] / "tests" / "data" / "ggml_quants.npz"  # made by tests/data/make_oracle.py
 
 
 def timed(fn, repeat=2):
@@ -56,13 +56,13 @@ def main():
     ap.add_argument("--backend", default="auto", choices=["auto", "torch", "numba"])
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    from lib_gguf import quant, quant_numba
+    from lib_gguf import numba_kernels, quant
 
     quant.set_backend(a.backend)
     print(f"command: python bench/quantize.py --rows {a.rows} --cols {a.cols} --threads {a.threads} "
           f"--pairs {a.pairs} --model-rows {a.model_rows} --backend {a.backend}"
           + (f" --formats {a.formats}" if a.formats else ""))
-    nb = "numba " + __import__("numba").__version__ if quant_numba.available() else "no numba"
+    nb = "numba " + __import__("numba").__version__ if numba_kernels.available() else "no numba"
     print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {nb}, "
           f"{ggml_ref.version()}")
     import gguf
@@ -71,7 +71,7 @@ def main():
 
     x = torch.randn(a.rows, a.cols, generator=torch.Generator().manual_seed(0))
     xn = x.numpy()
-    oracle = dict(np.load(ORACLE)) if ORACLE.exists() else {}
+    oracle = dict(np.load(ORACLE))
     kinds = sorted({k.split(".")[0] for k in oracle if k.endswith(".x")})
     print("\n| format | ours Mw/s (kernel) | torch kernel Mw/s | ggml C Mw/s | ours / ggml | = ggml bytes | "
           "gguf-py numpy Mw/s | rmse ours | rmse ggml (oracle) | = oracle |")
@@ -89,7 +89,7 @@ def main():
                 ratios.append(ggml_t[-1] / ours_t[-1])
         ours = x.numel() / min(ours_t) / 1e6
         kernel = "torch"
-        if a.backend != "torch" and quant_numba.has_kernel(fmt.type_id):
+        if a.backend != "torch" and fmt.kernels.numba_quantize:
             kernel = "numba"
             old = quant.set_backend("torch")
             lib_gguf.quantize(x[:2], fmt)

@@ -1,56 +1,28 @@
-"""lib_gguf: GGUF formats, dequantization and quantization in torch,
-``GGUFParameter``, GGUF layers, file reading and writing, and quantization rules.
+"""lib_gguf: GGUF formats, dequantization and quantization in torch (with optional
+compiled kernels), ``GGUFParameter``, GGUF layers, file reading and writing, and
+quantization rules.
 
-Imports neither Forge nor gradio: it runs wherever torch runs.
-Names are imported lazily so that ``import lib_gguf`` stays cheap.
+Imports neither Forge nor gradio, nor numba or triton (those load when a compiled
+kernel may run): it runs wherever torch runs. Importing the package registers every
+format family (:mod:`lib_gguf.families`), so :mod:`lib_gguf.formats` always knows
+what each format has.
 """
 from __future__ import annotations
 
-import importlib
+from .families import FAMILIES  # noqa: F401  (first: every format's kernels, in the registry)
+from .converter import convert
+from .dequant import dequantize
+from .errors import GGUFFormatError, UnsupportedFormatError
+from .formats import FORMATS, GGMLFormat, GGMLType, get_format
+from .layers import GGUFLinear, load_into
+from .parameter import GGUFParameter, dequantize_tensor, is_gguf
+from .quant import quantize
+from .reader import GGUFFile, load_state_dict, read_metadata
+from .recipes import Recipe, get_recipe
+from .sample import tiny_flux_state_dict
+from .writer import save
 
-_EXPORTS = {
-    # formats.py: the format table
-    "GGMLType": "formats",
-    "GGMLFormat": "formats",
-    "FORMATS": "formats",
-    "get_format": "formats",
-    # errors.py
-    "GGUFFormatError": "errors",
-    "UnsupportedFormatError": "errors",
-    # dequant.py / quantize.py
-    "dequantize": "dequant",
-    "quantize": "quant",
-    # parameter.py
-    "GGUFParameter": "parameter",
-    "is_gguf": "parameter",
-    "dequantize_tensor": "parameter",
-    # reader.py / writer.py
-    "load_state_dict": "reader",
-    "read_metadata": "reader",
-    "GGUFFile": "reader",
-    "save": "writer",
-    # layers.py
-    "GGUFLinear": "layers",
-    "load_into": "layers",
-    # recipes.py / converter.py
-    "Recipe": "recipes",
-    "get_recipe": "recipes",
-    "convert": "converter",
-    # sample.py
-    "tiny_flux_state_dict": "sample",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    mod = _EXPORTS.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'lib_gguf' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{mod}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__all__ = ["FORMATS", "GGMLFormat", "GGMLType", "GGUFFile", "GGUFFormatError", "GGUFLinear", "GGUFParameter",
+           "Recipe", "UnsupportedFormatError", "convert", "dequantize", "dequantize_tensor", "get_format",
+           "get_recipe", "is_gguf", "load_into", "load_state_dict", "quantize", "read_metadata", "save",
+           "tiny_flux_state_dict"]

@@ -1,8 +1,9 @@
-"""Command line: ``python -m lib_gguf {convert,inspect,bake-lora,presets} ...``
+"""Command line: ``python -m lib_gguf {convert,inspect,presets} ...``
 
     python -m lib_gguf convert model.safetensors model-Q4_K_S.gguf --type Q4_K_S [--rules rules.txt]
     python -m lib_gguf inspect model.gguf
-    python -m lib_gguf bake-lora model.gguf style.safetensors:0.8 detail.safetensors -o baked.gguf
+
+(Baking LoRAs into a GGUF file is lib_lora's: ``python -m lib_lora bake ...``.)
 """
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ import os
 import signal
 import sys
 import threading
-from pathlib import Path
 from typing import List, Optional
 
 
-def _tqdm_progress(desc: str):
+def tqdm_progress(desc: str):
+    """``(update(done, total, name), close())`` drawing a tqdm bar, or no-ops without tqdm."""
     try:
         from tqdm import tqdm
     except ImportError:  # progress is a nicety
@@ -41,7 +42,7 @@ def _tqdm_progress(desc: str):
 def _cmd_convert(args) -> int:
     from .converter import convert
 
-    update, close = _tqdm_progress("quantizing")
+    update, close = tqdm_progress("quantizing")
     try:
         summary = convert(args.src, args.dst, args.type, rules=args.rules, progress=update)
     finally:
@@ -92,31 +93,6 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
-def parse_lora_arg(text: str):
-    """``path[:strength]`` -> (path, strength); a Windows drive letter is not a strength."""
-    path, sep, tail = text.rpartition(":")
-    if sep and path and tail:
-        try:
-            return path, float(tail)
-        except ValueError:
-            pass
-    return text, 1.0
-
-
-def _cmd_bake(args) -> int:
-    from lib_lora.bake import bake_loras
-
-    loras = [parse_lora_arg(a) for a in args.loras]
-    update, close = _tqdm_progress("baking")
-    try:
-        result = bake_loras(args.model, loras, args.output, progress=update)
-    finally:
-        close()
-    if result is not None:
-        print(getattr(result, "text", lambda: str(result))())
-    return 0
-
-
 def _cmd_presets(args) -> int:
     from .recipes import PRESETS
 
@@ -125,10 +101,22 @@ def _cmd_presets(args) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lib_gguf", description="GGUF tools in Python and torch")
+def command_parser(prog: str, description: str):
+    """``(parser, subparsers)`` of a CLI with ``-v`` and one required command (this one, lib_lora's)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("-v", "--verbose", action="store_true", help="log each decision")
-    sub = parser.add_subparsers(dest="cmd", required=True)
+    return parser, parser.add_subparsers(dest="cmd", required=True)
+
+
+def parse_and_run(parser, argv: Optional[List[str]]) -> int:
+    """Parse ``argv``, set up logging (``-v``: each decision) and run the command (:func:`run_command`)."""
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    return run_command(args)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser, sub = command_parser("python -m lib_gguf", "GGUF tools in Python and torch")
 
     p = sub.add_parser("convert", help="safetensors (file or folder of shards) or GGUF -> GGUF")
     p.add_argument("src")
@@ -145,24 +133,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("file")
     p.set_defaults(fn=_cmd_inspect)
 
-    p = sub.add_parser("bake-lora", help="merge LoRAs into a GGUF model, requantizing each tensor to its format")
-    p.add_argument("model")
-    p.add_argument("loras", nargs="+", metavar="LORA[:STRENGTH]")
-    p.add_argument("-o", "--output", required=True)
-    p.set_defaults(fn=_cmd_bake)
-
     p = sub.add_parser("presets", help="list the quantization presets")
     p.set_defaults(fn=_cmd_presets)
 
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    return _run(args)
+    return parse_and_run(parser, argv)
 
 
 _SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
-def _run(args) -> int:
+def run_command(args) -> int:
     """Run the command in a worker thread, so that Ctrl-C and SIGTERM (a plain
     ``kill``, a container stop) are handled at once, even in the middle of a long
     torch or numba call: the partial output is removed and the process exits with
@@ -198,7 +178,7 @@ def _run(args) -> int:
             except (ValueError, OSError):
                 pass
         try:
-            t = threading.Thread(target=work, name="lib_gguf-cli", daemon=True)
+            t = threading.Thread(target=work, name="gguf-cli", daemon=True)
             t.start()
             while t.is_alive():
                 t.join(0.2)

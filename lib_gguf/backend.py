@@ -1,6 +1,6 @@
-"""Which kernels run: the torch ones (every device) or the compiled ones, which give
-the same bytes and values faster: numba for CPU tensors (:mod:`lib_gguf.quant_numba`,
-:mod:`lib_gguf.dequant_numba`), Triton for CUDA tensors' dequantization
+"""Which kernels run: the torch ones (every device; the reference) or the compiled
+ones, which give the same bytes and values faster: numba for CPU tensors
+(:mod:`lib_gguf.numba_kernels`), Triton for CUDA tensors' dequantization
 (:mod:`lib_gguf.dequant_triton`).
 
 ``"auto"`` (the default): the compiled kernels where their package (numba, triton)
@@ -9,12 +9,14 @@ imports and the kernel compiles, else torch. ``"torch"``: never the compiled ker
 (for tests and benchmarks). ``"triton"``: the same for the Triton ones on CUDA tensors
 (and on CPU tensors under Triton's interpreter, ``TRITON_INTERPRET=1``: for tests);
 CPU tensors otherwise as under ``"auto"``. The environment variable ``LIB_GGUF_BACKEND``
-sets the starting choice (``LIB_GGUF_QUANT_BACKEND`` is read too, for older setups).
+sets the starting choice.
 """
 from __future__ import annotations
 
 import logging
 import os
+
+from .errors import GGUFFormatError
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +24,7 @@ BACKENDS = ("auto", "torch", "numba", "triton")
 
 
 def _from_env() -> str:
-    raw = os.environ.get("LIB_GGUF_BACKEND") or os.environ.get("LIB_GGUF_QUANT_BACKEND") or "auto"
+    raw = os.environ.get("LIB_GGUF_BACKEND") or "auto"
     name = raw.strip().lower()
     if name not in BACKENDS:
         log.warning("LIB_GGUF_BACKEND=%r is not one of %s; using auto", raw, ", ".join(BACKENDS))
@@ -47,32 +49,41 @@ def get_backend() -> str:
     return _backend
 
 
-_announced: set = set()  # (what, type id) whose first use was logged
-_failed: set = set()  # (what, type id) of compiled kernels that raised once: torch from then on
+_announced: set = set()  # (kind, what, type id) whose first use was logged
+_failed: set = set()  # (kind, what, type id) of compiled kernels that did not compile: torch from then on
 
 
-def try_compiled(what: str, fmt, load, run, *, required: bool = False, kind: str = "numba",
-                 fallback_on: tuple = (Exception,)):
-    """The result of ``run(module)``, a compiled kernel for ``fmt`` (``what``:
-    "quantizer" or "dequantizer"; ``kind``: "numba" or "triton"; ``load()`` imports the
-    module of compiled kernels, which has ``has_kernel`` and ``available``), or None when
-    the torch kernel should run instead: the choice is "torch" (then nothing is
-    imported), the module has no kernel for ``fmt``, or the kernel raised one of
-    ``fallback_on`` before (compile errors; then it is logged once and not tried again
-    under "auto"). When the choice is ``kind`` itself a failure is raised, and so is a
-    missing kernel when ``required``; under another compiled choice this kind runs as
-    under "auto". The caller has checked the device and dtypes."""
-    from .errors import GGUFFormatError
+def has_failed(key) -> bool:
+    """Whether the compiled kernel ``key`` failed to compile in this process."""
+    return key in _failed
 
+
+def mark_failed(key) -> None:
+    _failed.add(key)
+
+
+def try_compiled(what: str, fmt, kind: str, find, call, *, required: bool = False):
+    """The result of ``call(kernel)``, a compiled kernel for ``fmt`` (``what``:
+    "quantizer" or "dequantizer"; ``kind``: "numba" or "triton"), or None when the
+    torch kernel should run instead.
+
+    ``find()`` imports the kernels' module and returns ``(kernel or None, available,
+    compile_errors)``. None comes back when the choice is "torch" (then nothing is
+    imported), when there is no kernel for ``fmt``, or when the kernel failed to
+    compile before (one of ``compile_errors``: logged once, and not tried again under
+    "auto"). Any other error (a data error, a device fault) is raised, and the kernel
+    stays in use. When the choice is ``kind`` itself a compile failure is raised, and
+    so is a missing kernel when ``required``; under another compiled choice this kind
+    runs as under "auto". The caller has checked the device and dtypes."""
     choice = _backend
     if choice == "torch":
         return None
     strict = choice == kind
-    mod = load()
-    if not mod.has_kernel(fmt.type_id):
+    kernel, available, compile_errors = find()
+    if kernel is None:
         if required and strict:
             raise GGUFFormatError(f"no compiled ({kind}) {what} for {fmt.name}"
-                                  + ("" if mod.available() else f": {kind} is not installed"))
+                                  + ("" if available else f": {kind} is not installed"))
         return None
     key = (kind, what, fmt.type_id)
     if key in _failed and not strict:
@@ -82,8 +93,8 @@ def try_compiled(what: str, fmt, load, run, *, required: bool = False, kind: str
         log.info("preparing the compiled (%s) %s %s (first use in this process: a few seconds to compile, "
                  "or to load from the disk cache)", kind, fmt.name, what)
     try:
-        return run(mod)
-    except fallback_on as e:  # a kernel that does not compile here: fall back, once
+        return call(kernel)
+    except compile_errors as e:  # a kernel that does not compile here: fall back, once
         if strict:
             raise
         _failed.add(key)

@@ -18,7 +18,10 @@ import torch
 
 from .errors import GGUFFormatError
 from .formats import GGMLFormat, get_format
+from .quant import quantize
+from .reader import load_state_dict
 from .recipes import Recipe, TensorPlan, count_layers, detect_architecture, is_diffusers_flux
+from .writer import check_output, save
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +89,6 @@ class _SafetensorsSource(_Source):
 
 class _GGUFSource(_Source):
     def __init__(self, path: Path):
-        from .reader import load_state_dict
-
         self.path = path
         self._sd = load_state_dict(path)
         self._infos = {}
@@ -186,8 +187,6 @@ class _PlannedTensor:
 
     def materialize(self) -> torch.Tensor:
         """The tensor's GGUF bytes (uint8), computed now."""
-        from .quant import quantize
-
         x = self._load()
         if tuple(x.shape) != self.plan.shape:
             raise GGUFFormatError(f"shape changed while reading: {tuple(x.shape)} != {self.plan.shape}",
@@ -245,8 +244,6 @@ def convert(src: Union[str, Path], dst: Union[str, Path], recipe: Union[str, Rec
     ``progress(done, total, tensor_name)`` is called after each tensor.
     Returns a :class:`ConvertSummary`; nothing is left at ``dst`` on error.
     """
-    from .writer import check_output, save
-
     t0 = time.perf_counter()
     dst = Path(dst)
     check_output(dst, _input_files(src, rules))

@@ -1,9 +1,10 @@
 """The format table: every GGML tensor type, keyed by its integer type id.
 
 This is the one home of what we know about each type: its name, block size,
-bytes per block, bits per weight, and whether we can dequantize and quantize it.
-The kernels live in ``dequant*.py`` and ``quant*.py`` and register themselves
-here with :func:`register_dequantizer` / :func:`register_quantizer`.
+bytes per block, bits per weight, the torch dtype of a plain element type, and
+(from the family modules in :mod:`lib_gguf.families`, which :func:`register`
+here) its block layout and which kernels it has. This module imports no kernel
+module: the families import it.
 
 The table is keyed by integer id, never by ``gguf.GGMLQuantizationType``, so it
 works the same whether ``import gguf`` is Forge's bundled old copy or the newest
@@ -17,7 +18,6 @@ unchanged.
 from __future__ import annotations
 
 import enum
-import threading
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence, Union
 
@@ -115,15 +115,132 @@ _TABLE = [
     (GGMLType.Q4_0_8_8, 32, 18, "repacked"),
 ]
 
+# The plain element types: the torch dtype each one stores as it is.
+_TORCH_DTYPES: Dict[int, torch.dtype] = {
+    int(GGMLType.F32): torch.float32,
+    int(GGMLType.F16): torch.float16,
+    int(GGMLType.BF16): torch.bfloat16,
+    int(GGMLType.F64): torch.float64,
+    int(GGMLType.I8): torch.int8,
+    int(GGMLType.I16): torch.int16,
+    int(GGMLType.I32): torch.int32,
+    int(GGMLType.I64): torch.int64,
+}
+
+# The byte layout of one block: its named fields, in order.
+
+@dataclass(frozen=True)
+class Field:
+    """One field of a block: ``size`` bytes at byte ``offset``; ``kind`` is "f16" or
+    "f32" for a little-endian float scale, "bytes" for anything else."""
+
+    name: str
+    offset: int
+    size: int
+    kind: str = "bytes"
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.size
+
+    @property
+    def slice(self) -> slice:
+        return slice(self.offset, self.end)
+
+
+class Layout:
+    """A block's fields in storage order, each named once: ``Layout(d="f16", qs=16)``
+    (a float16 ``d`` at byte 0, 16 bytes ``qs`` at byte 2). Fields are attributes
+    (``layout.qs.offset``); :meth:`float_fields` lists the float scales."""
+
+    _SIZES = {"f16": 2, "f32": 4}
+
+    def __init__(self, **fields: Union[int, str]):
+        self.fields: Dict[str, Field] = {}
+        off = 0
+        for name, spec in fields.items():
+            kind = spec if isinstance(spec, str) else "bytes"
+            size = self._SIZES[spec] if isinstance(spec, str) else int(spec)
+            self.fields[name] = Field(name, off, size, kind)
+            off += size
+        self.size = off
+
+    def __getattr__(self, name: str) -> Field:
+        try:
+            return self.__dict__["fields"][name]
+        except KeyError:
+            raise AttributeError(f"the block has no field {name!r}") from None
+
+    def split(self, blocks: torch.Tensor, *names: str) -> tuple:
+        """The fields ``names`` of uint8 blocks (n, size), as views (n, field size)."""
+        return tuple(blocks[:, self.fields[name].slice] for name in names)
+
+    def pack(self, **parts: torch.Tensor) -> torch.Tensor:
+        """Blocks from their fields: every field by name, each (n, field size) uint8,
+        laid out in storage order as (n, size) uint8."""
+        missing = set(self.fields) ^ set(parts)
+        if missing:
+            raise ValueError(f"pack: fields {sorted(missing)} missing or unknown in {self}")
+        for f in self.fields.values():
+            if parts[f.name].shape[-1] != f.size or parts[f.name].dtype != torch.uint8:
+                raise ValueError(f"pack: field {f.name} is {f.size} uint8 bytes, got {parts[f.name].dtype} "
+                                 f"{tuple(parts[f.name].shape)}")
+        return torch.cat([parts[name] for name in self.fields], dim=-1)
+
+    def float_fields(self) -> tuple:
+        """The float16 / float32 scale fields."""
+        return tuple(f for f in self.fields.values() if f.kind in self._SIZES)
+
+    def __repr__(self) -> str:
+        return "Layout(" + ", ".join(f"{f.name}@{f.offset}:{f.size}" for f in self.fields.values()) + ")"
+
+
+# -- the registry: what each family module says it has -------------------------------
+#
 # A dequantizer takes a uint8 tensor of blocks, shape (n_blocks, type_size), and a
 # torch dtype, and returns (n_blocks, block_size) values of that dtype on the same
 # device. A quantizer takes float32 values, shape (n_blocks, block_size), and
-# returns uint8 blocks, shape (n_blocks, type_size).
+# returns uint8 blocks, shape (n_blocks, type_size). These torch kernels are the
+# reference; the compiled kernels (numba for CPU tensors, Triton for CUDA tensors)
+# give the same bytes and values, and a family says here which ones it has.
 Dequantizer = Callable[[torch.Tensor, torch.dtype], torch.Tensor]
 Quantizer = Callable[[torch.Tensor], torch.Tensor]
 
-_DEQUANTIZERS: Dict[int, Dequantizer] = {}
-_QUANTIZERS: Dict[int, Quantizer] = {}
+
+@dataclass(frozen=True)
+class Kernels:
+    layout: Optional[Layout] = None
+    dequantize: Optional[Dequantizer] = None
+    quantize: Optional[Quantizer] = None
+    numba_dequantize: bool = False
+    numba_quantize: bool = False
+    triton: bool = False
+    fallback: tuple = ()  # formats to write instead when a row is not a whole number of blocks, in order
+
+
+_NONE = Kernels()
+_KERNELS: Dict[int, Kernels] = {}
+
+
+def register(type_id: int, *, layout: Optional[Layout] = None, dequantize: Optional[Dequantizer] = None,
+             quantize: Optional[Quantizer] = None, numba: Sequence[str] = (), triton: bool = False,
+             fallback: Sequence[str] = ()) -> None:
+    """Record what a family module has for ``type_id``: the block ``layout``, the torch
+    kernels, its compiled kernels (``numba``: "dequantize" and/or "quantize";
+    ``triton``: a Triton dequantizer), and the formats the quantization rules write
+    instead where a row is not a whole number of its blocks (``fallback``, by name,
+    in order of preference)."""
+    fmt = get_format(type_id)
+    if layout is not None and layout.size != fmt.type_size:
+        raise GGUFFormatError(f"{fmt.name}: the layout's fields add up to {layout.size} bytes, "
+                              f"a block is {fmt.type_size}")
+    unknown = set(numba) - {"dequantize", "quantize"}
+    if unknown:
+        raise ValueError(f"{fmt.name}: numba kernels are 'dequantize' or 'quantize', not {sorted(unknown)}")
+    _KERNELS[fmt.type_id] = Kernels(layout, dequantize, quantize, "dequantize" in numba, "quantize" in numba,
+                                    triton, tuple(fallback))
+
+
 # Formats whose ggml quantizer needs an importance matrix: we say so instead of
 # producing something ggml would not.
 NEEDS_IMATRIX = frozenset({GGMLType.IQ2_XXS, GGMLType.IQ2_XS, GGMLType.IQ1_S})
@@ -142,48 +259,15 @@ def remove_requantize_observer(fn: Callable[[str], None]) -> None:
         _REQUANTIZE_OBSERVERS.remove(fn)
 
 
-_kernels_loaded = False
-_kernels_lock = threading.Lock()
+# The public entry points, lib_gguf.dequant.dequantize and lib_gguf.quant.quantize
+# (the torch kernels or a compiled one), behind a format's own ``dequantize`` /
+# ``quantize`` and the methods Forge calls. Those modules import this one and hand
+# them over as they load; ``lib_gguf/__init__`` imports both.
+_ENTRY: Dict[str, Callable] = {}
 
 
-def register_dequantizer(*types: int):
-    """Decorator: register ``fn(blocks_uint8, dtype) -> values`` for these type ids."""
-
-    def deco(fn: Dequantizer) -> Dequantizer:
-        for t in types:
-            _DEQUANTIZERS[int(t)] = fn
-        return fn
-
-    return deco
-
-
-def register_quantizer(*types: int):
-    """Decorator: register ``fn(values_f32) -> blocks_uint8`` for these type ids."""
-
-    def deco(fn: Quantizer) -> Quantizer:
-        for t in types:
-            _QUANTIZERS[int(t)] = fn
-        return fn
-
-    return deco
-
-
-def _load_kernels() -> None:
-    global _kernels_loaded
-    if _kernels_loaded:
-        return
-    with _kernels_lock:
-        if _kernels_loaded:
-            return
-        import importlib
-
-        for mod in ("dequant", "dequant_iq", "dequant_q1", "quant", "quant_iq", "quant_lattice"):
-            try:
-                importlib.import_module(f"{__package__}.{mod}")
-            except ModuleNotFoundError as e:  # a kernel module not written yet
-                if e.name != f"{__package__}.{mod}":
-                    raise
-        _kernels_loaded = True
+def set_entry_point(name: str, fn: Callable) -> None:
+    _ENTRY[name] = fn
 
 
 @dataclass(frozen=True, eq=False)
@@ -202,12 +286,13 @@ class GGMLFormat:
 
     # -- description -----------------------------------------------------
     @property
-    def __name__(self) -> str:  # Forge's loader prints ``gguf_cls.__name__`` (its formats are classes)
-        return self.name
+    def torch_dtype(self) -> Optional[torch.dtype]:
+        """The torch element type of a plain (float or int) type; None for block formats."""
+        return _TORCH_DTYPES.get(self.type_id)
 
     @property
-    def qtype(self) -> int:
-        return self.type_id
+    def __name__(self) -> str:  # Forge's loader prints ``gguf_cls.__name__`` (its formats are classes)
+        return self.name
 
     @property
     def bits_per_weight(self) -> float:
@@ -223,14 +308,22 @@ class GGMLFormat:
         return self.family not in ("float", "int")
 
     @property
+    def kernels(self) -> Kernels:
+        """What the family modules registered for this type (nothing, for a type we only know by name)."""
+        return _KERNELS.get(self.type_id, _NONE)
+
+    @property
+    def layout(self) -> Optional[Layout]:
+        """The block's named fields (None for plain element types and unsupported types)."""
+        return self.kernels.layout
+
+    @property
     def can_dequantize(self) -> bool:
-        _load_kernels()
-        return self.type_id in _DEQUANTIZERS
+        return self.kernels.dequantize is not None
 
     @property
     def can_quantize(self) -> bool:
-        _load_kernels()
-        return self.type_id in _QUANTIZERS
+        return self.kernels.quantize is not None
 
     @property
     def needs_imatrix(self) -> bool:
@@ -276,14 +369,10 @@ class GGMLFormat:
 
     # -- kernels -----------------------------------------------------------
     def dequantize(self, data: torch.Tensor, shape: Sequence[int], dtype: torch.dtype = torch.float16) -> torch.Tensor:
-        from .dequant import dequantize
-
-        return dequantize(data, self.type_id, shape, dtype)
+        return _ENTRY["dequantize"](data, self.type_id, shape, dtype)
 
     def quantize(self, tensor: torch.Tensor) -> torch.Tensor:
-        from .quant import quantize
-
-        return quantize(tensor, self.type_id)
+        return _ENTRY["quantize"](tensor, self.type_id)
 
     # -- what Forge calls on its own format classes --------------------------
     # Forge's ``bake_gguf_model`` calls ``gguf_cls.bake(p)``; its Linear calls
@@ -340,6 +429,18 @@ FORMATS: Dict[int, GGMLFormat] = {
     int(t): GGMLFormat(int(t), t.name, bs, ts, fam) for t, bs, ts, fam in _TABLE
 }
 _BY_NAME: Dict[str, GGMLFormat] = {f.name: f for f in FORMATS.values()}
+_BY_DTYPE: Dict[torch.dtype, GGMLFormat] = {d: FORMATS[t] for t, d in _TORCH_DTYPES.items()}
+
+
+def format_for_dtype(dtype: torch.dtype, tensor: Optional[str] = None) -> GGMLFormat:
+    """The plain GGUF type that stores torch ``dtype`` as it is (F32 for float32, I8 for int8, ...).
+
+    A dtype without a GGUF element type (bool, uint8, complex, float8) raises :class:`GGUFFormatError`."""
+    f = _BY_DTYPE.get(dtype)
+    if f is None:
+        raise GGUFFormatError(
+            f"no GGUF element type for {dtype}; known: {', '.join(str(d) for d in _BY_DTYPE)}", tensor=tensor)
+    return f
 
 
 def get_format(qtype: Union[int, str, "enum.Enum", GGMLFormat], tensor: Optional[str] = None, path=None) -> GGMLFormat:
@@ -373,18 +474,18 @@ def get_format(qtype: Union[int, str, "enum.Enum", GGMLFormat], tensor: Optional
 
 
 def dequantizer_for(qtype, tensor: Optional[str] = None) -> Dequantizer:
+    """The torch dequantizer of ``qtype``."""
     fmt = get_format(qtype, tensor)
-    _load_kernels()
-    fn = _DEQUANTIZERS.get(fmt.type_id)
+    fn = fmt.kernels.dequantize
     if fn is None:
         raise UnsupportedFormatError(f"no dequantizer for {fmt.name} (type id {fmt.type_id})", tensor=tensor)
     return fn
 
 
 def quantizer_for(qtype, tensor: Optional[str] = None) -> Quantizer:
+    """The torch quantizer of ``qtype``."""
     fmt = get_format(qtype, tensor)
-    _load_kernels()
-    fn = _QUANTIZERS.get(fmt.type_id)
+    fn = fmt.kernels.quantize
     if fn is None:
         if fmt.needs_imatrix:
             raise UnsupportedFormatError(

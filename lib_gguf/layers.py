@@ -15,8 +15,11 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from .backend import get_backend
+from .dequant import dequantize
 from .errors import GGUFFormatError
-from .parameter import GGUFParameter, dequantize_tensor, is_gguf
+from .parameter import GGUFParameter, dequantize_tensor, is_gguf, raw_bytes
+from .reader import load_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +79,7 @@ class GGUFLinear(torch.nn.Module):
         w = self._parameters.get("weight")
         d = self.__dict__
         if is_gguf(w):
-            d["_gguf_bytes"] = _raw_bytes(w)
+            d["_gguf_bytes"] = raw_bytes(w)
             d["_gguf_type"] = int(w.gguf_cls.type_id)
             d["_gguf_shape"] = [int(s) for s in w.gguf_shape]
         else:
@@ -104,12 +107,6 @@ class GGUFLinear(torch.nn.Module):
                 f"format={fmt.name if fmt is not None else str(self.weight.dtype)}")
 
 
-def _raw_bytes(w) -> torch.Tensor:
-    from .parameter import _raw
-
-    return _raw(w)
-
-
 def _compiling() -> bool:
     compiler = getattr(torch, "compiler", None)
     return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
@@ -125,9 +122,7 @@ def _make_dequantize_op():
         return None
     @custom_op("lib_gguf::dequantize", mutates_args=())
     def dequantize_op(data: torch.Tensor, type_id: int, shape: List[int], dtype: torch.dtype) -> torch.Tensor:
-        from .formats import get_format
-
-        return get_format(type_id).dequantize(data, shape, dtype)
+        return dequantize(data, type_id, shape, dtype)
 
     @dequantize_op.register_fake
     def _(data, type_id, shape, dtype):
@@ -150,8 +145,6 @@ def _fused_candidate(w, x: torch.Tensor) -> bool:
     if x.device.type == "cuda":
         return True
     if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1":
-        from .backend import get_backend
-
         return get_backend() == "triton"
     return False
 
@@ -176,8 +169,6 @@ def load_into(module: torch.nn.Module, path_or_state_dict: Union[str, os.PathLik
     if isinstance(path_or_state_dict, Mapping):
         sd = dict(path_or_state_dict)
     else:
-        from .reader import load_state_dict
-
         source = path_or_state_dict
         sd = load_state_dict(path_or_state_dict)
     own = dict(module.named_parameters(remove_duplicate=False))

@@ -26,8 +26,10 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from . import dequant_triton as _dq
-from .dequant_triton import triton, tl
+from .backend import get_backend, has_failed, mark_failed
+from .dequant_triton import spec, table_for
+from .parameter import raw_bytes
+from .triton_support import COMPILE_ERRORS, interpreting, on_device, tl, triton
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +160,7 @@ def _block_k(k: int, bs: int, want: int) -> int:
 def _config(m: int, n: int, k: int, bs: int) -> dict:
     """Tile sizes: small tiles under the interpreter (it runs them on the CPU); on a GPU
     128x128x64 tiles (8 warps, 3 stages) for many tokens, narrower in M for few."""
-    if _dq.interpreting():
+    if interpreting():
         return dict(BM=16 if m <= 16 else 32, BN=32, BK=_block_k(k, bs, 32), GROUP_M=4, num_warps=4, num_stages=1)
     if m <= 16:
         return dict(BM=16, BN=64, BK=_block_k(k, bs, 128), GROUP_M=8, num_warps=4, num_stages=4)
@@ -174,20 +176,18 @@ def fused_linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor] = None,
     ``lora = (down [R, K], up [N, R])`` (strengths folded into ``down``), in one fused
     kernel. ``weight``: a :class:`~lib_gguf.parameter.GGUFParameter` on x's device in
     one of :data:`FUSED_FORMATS`; x float16 or bfloat16."""
-    from .parameter import _raw
-
     fmt = weight.gguf_cls
-    spec = _dq.spec(fmt.type_id)
-    if spec is None or fmt.name not in FUSED_FORMATS:
+    kernel = spec(fmt.type_id)
+    if kernel is None or fmt.name not in FUSED_FORMATS:
         raise ValueError(f"no fused kernel for {fmt.name}")
-    value, _tab, bs, ts = spec
+    value, _tab, bs, ts = kernel
     n, k = (int(s) for s in weight.gguf_shape)
     if not fmt.fits(k):
         raise ValueError(f"{fmt.name} rows of {k} weights are not whole blocks: no fused kernel (dequantize it)")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
-    wb = _raw(weight).reshape(n, -1)
+    wb = raw_bytes(weight).reshape(n, -1)
     if not wb.is_contiguous():
         wb = wb.contiguous()
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -208,10 +208,10 @@ def fused_linear(x: torch.Tensor, weight, bias: Optional[torch.Tensor] = None,
     if bias is not None and (bias.device != x.device or not bias.is_contiguous()):
         b = bias.to(x.device).contiguous()
     grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]),)
-    with _dq._device(x2):
-        _fused_linear[grid](x2, wb, _dq.table_for(fmt.type_id, x.device), b, t, u, y, m, n, k, wb.shape[1],
+    with on_device(x2):
+        _fused_linear[grid](x2, wb, table_for(fmt.type_id, x.device), b, t, u, y, m, n, k, wb.shape[1],
                             br, VALUE=value, BS=bs, TS=ts, HAS_BIAS=bias is not None, HAS_LORA=has_lora, BR=br,
-                            F32_DOT=_dq.interpreting(), **cfg)
+                            F32_DOT=interpreting(), **cfg)
     return y.reshape(*lead, n)
 
 
@@ -222,11 +222,9 @@ def layer_forward(layer, x: torch.Tensor) -> Optional[torch.Tensor]:
     hooks that can hand over their low-rank factors (``fused_lowrank``) are folded in,
     and told so (``fused_pending``, a weak reference to this output: their call on it
     adds nothing); the others add their delta after the forward, as forward hooks do."""
-    from . import backend as _bk
-
     w = layer.weight
     fmt = w.gguf_cls
-    if not supported(fmt.name, x.dtype) or _bk.get_backend() == "torch":
+    if not supported(fmt.name, x.dtype) or get_backend() == "torch":
         return None
     if w.device != x.device:
         return None
@@ -237,7 +235,7 @@ def layer_forward(layer, x: torch.Tensor) -> Optional[torch.Tensor]:
     if choose(fmt.name, m, n, k, x.dtype) != "fused":
         return None
     key = ("fused", fmt.type_id)
-    if key in _bk._failed and _bk.get_backend() != "triton":
+    if has_failed(key) and get_backend() != "triton":
         return None
     hooks, downs, ups = [], [], []
     for h in list(layer._forward_hooks.values()):
@@ -255,10 +253,10 @@ def layer_forward(layer, x: torch.Tensor) -> Optional[torch.Tensor]:
     bias = None if layer.bias is None else layer.bias.to(device=x.device, dtype=x.dtype)
     try:
         y = fused_linear(x, w, bias, lora)
-    except _dq.COMPILE_ERRORS as e:
-        if _bk.get_backend() == "triton":
+    except COMPILE_ERRORS as e:
+        if get_backend() == "triton":
             raise
-        _bk._failed.add(key)
+        mark_failed(key)
         log.warning("fused %s matmul unavailable (%s: %s); dequantizing and using F.linear", fmt.name,
                     type(e).__name__, e)
         return None

@@ -42,6 +42,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .dequant import dequantize as _dequantize
 from .errors import GGUFOperationError
 from .formats import GGMLFormat, get_format
 
@@ -100,7 +101,7 @@ def _func_name(func) -> tuple:
     return "call", name
 
 
-def _raw(t: torch.Tensor) -> torch.Tensor:
+def raw_bytes(t: torch.Tensor) -> torch.Tensor:
     """The plain uint8 tensor behind a GGUFParameter (no torch-function dispatch)."""
     with torch._C.DisableTorchFunctionSubclass():
         return t.data
@@ -172,22 +173,18 @@ class GGUFParameter(torch.nn.Parameter):
 
     @property
     def byte_shape(self) -> torch.Size:
-        return _raw(self).shape
-
-    @property
-    def qtype(self) -> int:
-        return self.gguf_cls.type_id
+        return raw_bytes(self).shape
 
     def __repr__(self) -> str:
         return (f"GGUFParameter({self.gguf_cls.name}, shape={list(self.gguf_shape)}, "
-                f"bytes={_raw(self).numel()}, device={_raw(self).device})")
+                f"bytes={raw_bytes(self).numel()}, device={raw_bytes(self).device})")
 
     # -- values -------------------------------------------------------------------
     def dequantize(self, dtype: Optional[torch.dtype] = None, device=None) -> torch.Tensor:
-        data = _raw(self)
+        data = raw_bytes(self)
         if device is not None:
             data = data.to(device, non_blocking=True)
-        return self.gguf_cls.dequantize(data, self.gguf_shape, dtype or self.computation_dtype)
+        return _dequantize(data, self.gguf_cls, self.gguf_shape, dtype or self.computation_dtype)
 
     def dequantize_as_pytorch_parameter(self) -> torch.nn.Parameter:  # Forge calls this
         return torch.nn.Parameter(self.dequantize(), requires_grad=False)
@@ -268,12 +265,12 @@ class GGUFParameter(torch.nn.Parameter):
     def __deepcopy__(self, memo):
         if id(self) in memo:
             return memo[id(self)]
-        new = self.copy_with_data(_raw(self).clone())
+        new = self.copy_with_data(raw_bytes(self).clone())
         memo[id(self)] = new
         return new
 
     def __reduce_ex__(self, proto):
-        return (_rebuild, (_raw(self), self.gguf_cls.type_id, tuple(int(s) for s in self.gguf_shape),
+        return (_rebuild, (raw_bytes(self), self.gguf_cls.type_id, tuple(int(s) for s in self.gguf_shape),
                            self.computation_dtype, self.baked))
 
 
@@ -306,7 +303,7 @@ def _set_attribute(w, name, value, func, args, kwargs):
                 f"assign quantized bytes (lib_gguf.quantize(values, {w.gguf_cls.name!r})), or call "
                 f"w.gguf_cls.quantize_pytorch(values, w), or replace the parameter with a float one")
         if isinstance(value, GGUFParameter):
-            args = (args[0], _raw(value))
+            args = (args[0], raw_bytes(value))
         return _plain(func, args, kwargs)
     if name == "requires_grad" and value:
         _warn_frozen(w)
@@ -326,7 +323,7 @@ def _to(w, args, kwargs):
         with torch._C.DisableTorchFunctionSubclass():
             device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args, **kw)
     extra = {} if memory_format is None else {"memory_format": memory_format}
-    raw = _raw(w)
+    raw = raw_bytes(w)
     if device is not None or dtype is None or dtype == torch.uint8:
         # a device move (a dtype beside a device is the host's cast of every weight:
         # the bytes move, unconverted) or a plain copy: the same GGUF weight
@@ -347,7 +344,7 @@ def _copy(dst, src, func, args, kwargs):
                 raise GGUFOperationError(
                     f"copy_: cannot copy a {_describe(src)} into a {_describe(dst)}; formats and shapes must "
                     f"match (replace the parameter instead)")
-            data = _raw(src)
+            data = raw_bytes(src)
         elif isinstance(src, torch.Tensor) and src.dtype == torch.uint8 and tuple(src.shape) == tuple(dst.byte_shape):
             data = src  # raw bytes of the same layout
         else:
@@ -360,7 +357,7 @@ def _copy(dst, src, func, args, kwargs):
         return dst
     if isinstance(src, GGUFParameter):
         if isinstance(dst, torch.Tensor) and dst.dtype == torch.uint8 and tuple(dst.shape) == tuple(src.byte_shape):
-            data = _raw(src)  # a byte buffer of the same layout (a host's staging copy)
+            data = raw_bytes(src)  # a byte buffer of the same layout (a host's staging copy)
         else:
             data = src.dequantize(dst.dtype if dst.is_floating_point() else torch.float32)
         with torch._C.DisableTorchFunctionSubclass():
@@ -396,7 +393,7 @@ def dequantize_tensor(t, dtype: Optional[torch.dtype] = None):
         fmt = t.gguf_cls
         shape = getattr(t, "gguf_shape", None) or getattr(t, "real_shape", None)
         data = t.data if isinstance(t, torch.Tensor) else t
-        return fmt.dequantize(data, shape, dtype or getattr(t, "computation_dtype", None) or torch.float16)
+        return _dequantize(data, fmt, shape, dtype or getattr(t, "computation_dtype", None) or torch.float16)
     if dtype is not None and isinstance(t, torch.Tensor) and t.dtype != dtype:
         return t.to(dtype)
     return t

@@ -27,9 +27,11 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from . import compat as _compat
+from .compat import ORIG_SHAPE_PREFIX, nvfp4_companions, orig_shape, restore_shape, strip_prefix
 from .errors import GGUFFormatError
 from .formats import GGMLFormat, get_format
+from .parameter import GGUFParameter
+from .recipes import model_architecture
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +42,6 @@ MAX_DIMS = 8
 # GGUF metadata value types: id -> (name, struct format or None)
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 T_STRING, T_ARRAY = 8, 9
-
-_FLOAT_DTYPES = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16, 28: torch.float64, 24: torch.int8,
-                 25: torch.int16, 26: torch.int32, 27: torch.int64}
 
 
 @dataclass(frozen=True)
@@ -228,9 +227,7 @@ class GGUFFile:
 
     def _apply_compat(self, infos: List[TensorInfo]) -> List[TensorInfo]:
         """Other tools' conventions (see :mod:`lib_gguf.compat`): names, shapes, architecture."""
-        from .recipes import model_architecture
-
-        prefix = _compat.strip_prefix([t.name for t in infos])
+        prefix = strip_prefix([t.name for t in infos])
         if prefix:
             self.notes.append(f"stripped the prefix {prefix!r} from every tensor name")
         names = [t.name[len(prefix):] if prefix else t.name for t in infos]
@@ -252,11 +249,11 @@ class GGUFFile:
         counts: Dict[str, int] = {}
         for n, t in zip(names, infos):
             shape, why = t.shape, None
-            orig = _compat.orig_shape(self.metadata, t.name, t.shape, path=self.path)
+            orig = orig_shape(self.metadata, t.name, t.shape, path=self.path)
             if orig is not None:
-                shape, why = orig, f"{_compat.ORIG_SHAPE_PREFIX}* (ComfyUI-GGUF)"
+                shape, why = orig, f"{ORIG_SHAPE_PREFIX}* (ComfyUI-GGUF)"
             else:
-                fixed = _compat.restore_shape(arch, n, t.shape, stored)
+                fixed = restore_shape(arch, n, t.shape, stored)
                 if fixed is not None:
                     shape, why = fixed
             if shape != t.shape:
@@ -266,7 +263,7 @@ class GGUFFile:
                                   file_name=t.name if prefix else None, note=why if shape != t.shape else None))
         for why, c in counts.items():
             self.notes.append(f"{c} tensor shape{'s' if c != 1 else ''} restored: {why}")
-        self.companions = _compat.nvfp4_companions({t.name: t.format for t in out})
+        self.companions = nvfp4_companions({t.name: t.format for t in out})
         if self.companions:
             self.notes.append(f"{len(self.companions)} NVFP4 weights with companion scale tensors")
         return out
@@ -277,15 +274,13 @@ class GGUFFile:
     def tensor(self, name: str) -> torch.Tensor:
         """A zero-copy view of one tensor: a :class:`GGUFParameter` for quantized
         types, a plain tensor of its dtype for F32/F16/BF16/F64 and integers."""
-        from .parameter import GGUFParameter
-
         info = self._by_name[name]
         if info.nbytes == 0:
             data = torch.empty(0, dtype=torch.uint8)
         else:
             data = torch.frombuffer(self._mm, dtype=torch.uint8, count=info.nbytes, offset=info.offset)
         fmt = info.format
-        dtype = _FLOAT_DTYPES.get(fmt.type_id)
+        dtype = fmt.torch_dtype
         if dtype is not None:
             t = data.view(dtype).reshape(info.shape)
             if self.compat and dtype == torch.bfloat16 and len(info.shape) <= 1:

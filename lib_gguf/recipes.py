@@ -11,8 +11,9 @@ A *recipe* is a named preset (``Q4_K_S``, ``Q8_0``, ...) plus optional user rule
    projections in the ``_M`` (some layers) and ``_L`` (all layers) mixes, as
    llama.cpp does for LLMs;
 4. a fallback when the row length is not a whole number of the format's blocks
-   (Q2_K-Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, 256-weight IQ formats ->
-   IQ4_NL, ternary -> Q4_0, then F16), or when we have no quantizer for it.
+   (each family names its formats' fallbacks, llama.cpp's choices: Q2_K-Q4_K -> Q5_0,
+   Q5_K -> Q5_1, Q6_K -> Q8_0, 256-weight IQ formats -> IQ4_NL, ternary -> Q4_0,
+   then F16), or when we have no quantizer for it.
 
 Every decision carries a reason, so the converter can report fallbacks.
 """
@@ -27,8 +28,9 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 
 import torch
 
+from .families import FAMILIES  # noqa: F401  (the registry: which formats quantize, their fallbacks)
 from .errors import GGUFFormatError, UnsupportedFormatError
-from .formats import GGMLFormat, get_format
+from .formats import FORMATS, GGMLFormat, get_format
 
 
 def cannot_quantize_reason(fmt: GGMLFormat) -> str:
@@ -92,14 +94,6 @@ SMALL_TENSOR = 1 << 12
 
 _LADDER = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0"]
 
-# Row-length fallbacks, in order of preference (llama.cpp's choices).
-_FALLBACK: Dict[str, List[str]] = {
-    "Q2_K": ["Q5_0"], "Q3_K": ["Q5_0"], "Q4_K": ["Q5_0"], "Q5_K": ["Q5_1"], "Q6_K": ["Q8_0"],
-    "IQ4_XS": ["IQ4_NL", "Q5_0"], "IQ3_XXS": ["IQ4_NL", "Q5_0"], "IQ3_S": ["IQ4_NL", "Q5_0"],
-    "IQ2_S": ["IQ4_NL", "Q5_0"], "IQ1_M": ["IQ4_NL", "Q5_0"],
-    "TQ1_0": ["Q4_0"], "TQ2_0": ["Q4_0"], "MXFP4": ["Q4_0"],
-}
-
 # preset -> (base format, mix) where mix is "" / "S" (base only), "M" (raise some
 # layers), "L" (raise all value/FFN-down layers).
 PRESETS: Dict[str, Tuple[str, str]] = {
@@ -112,11 +106,11 @@ PRESETS: Dict[str, Tuple[str, str]] = {
     "IQ4_NL": ("IQ4_NL", ""), "IQ4_XS": ("IQ4_XS", ""),
     "Q3_K_S": ("Q3_K", "S"), "Q3_K_M": ("Q3_K", "M"), "Q3_K_L": ("Q3_K", "L"),
     "Q2_K": ("Q2_K", "M"),
-    # every other format we quantize without an importance matrix, whole: for trying
-    # the low-bit formats on a model (they lose much more than the K-quants without one)
-    "IQ3_S": ("IQ3_S", ""), "IQ3_XXS": ("IQ3_XXS", ""), "IQ2_S": ("IQ2_S", ""), "IQ1_M": ("IQ1_M", ""),
-    "TQ2_0": ("TQ2_0", ""), "TQ1_0": ("TQ1_0", ""), "MXFP4": ("MXFP4", ""),
 }
+# every other format we quantize (without an importance matrix), whole, most bits first:
+# for trying the low-bit formats on a model (they lose much more than the K-quants without one)
+PRESETS.update((f.name, (f.name, "")) for f in sorted(FORMATS.values(), key=lambda f: -f.bits_per_weight)
+               if f.is_quantized and f.can_quantize and f.name not in {base for base, _ in PRESETS.values()})
 
 
 def detect_architecture(names: Iterable[str]) -> str:
@@ -269,9 +263,7 @@ class Recipe:
     def __init__(self, name: str, rules=None):
         key = str(name).upper()
         if key not in PRESETS:
-            from .formats import _BY_NAME
-
-            fmt = _BY_NAME.get(key)
+            fmt = next((f for f in FORMATS.values() if f.name == key), None)
             if fmt is not None and not fmt.can_quantize:
                 raise UnsupportedFormatError(f"{fmt.name}: {cannot_quantize_reason(fmt)}; presets: {', '.join(PRESETS)}")
             if fmt is not None:
@@ -341,7 +333,7 @@ class Recipe:
         """``want`` if a row is a whole number of its blocks and we can quantize it,
         else the nearest format that fits."""
         row = shape[-1] if shape else 1
-        chain = [want.name] + _FALLBACK.get(want.name, []) + [keep.name]
+        chain = [want.name, *want.kernels.fallback, keep.name]
         for cand_name in chain:
             cand = get_format(cand_name)
             if cand.fits(row) and cand.can_quantize:

@@ -11,6 +11,10 @@ from typing import Dict, Tuple
 
 import torch
 
+from .formats import get_format
+from .parameter import GGUFParameter
+from .quant import quantize
+
 
 @dataclass(frozen=True)
 class FluxConfig:
@@ -136,8 +140,6 @@ def random_blocks(fmt, shape: Tuple[int, int], seed: int = 3) -> torch.Tensor:
     """Valid bytes of ``fmt`` for a (rows, cols) weight, for formats with no quantizer
     here (IQ2_XXS needs an importance matrix): random codes under a small float16 scale
     (0x0C00, about 2.4e-4) in each block's first two bytes."""
-    from .formats import get_format
-
     f = get_format(fmt)
     g = torch.Generator().manual_seed(seed)
     rows = shape[0]
@@ -151,10 +153,6 @@ def in_format(sd: Dict[str, torch.Tensor], fmt) -> Dict[str, torch.Tensor]:
     format's blocks quantized (random valid bytes where we have no quantizer), except
     the input and output layers, which stay F16 as in the files people publish; the
     other 2-D weights F16, 1-D tensors as they are."""
-    from .formats import get_format
-    from .parameter import GGUFParameter
-    from .quant import quantize
-
     f = get_format(fmt)
     out: Dict[str, torch.Tensor] = {}
     for k, v in sd.items():

@@ -41,9 +41,11 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Set, Union
 
 import torch
 
-from . import compat as _compat
+from .compat import ORIG_SHAPE_PREFIX, orig_shape_key, storage_shape
 from .errors import GGUFFormatError, OutputPathError
-from .formats import GGMLFormat, get_format
+from .formats import GGMLFormat, format_for_dtype, get_format
+from .quant import quantize
+from .recipes import file_architecture
 
 try:
     import fcntl
@@ -53,9 +55,6 @@ except ImportError:  # Windows: stale temporary files are told by their process 
 log = logging.getLogger(__name__)
 
 LLAMA_CPP_NAME_LIMIT = 63  # GGML_MAX_NAME - 1: llama.cpp's tools cut longer names
-
-_DTYPE_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 30, torch.float64: 28, torch.int8: 24,
-                torch.int16: 25, torch.int32: 26, torch.int64: 27}
 
 
 def _pack_string(s: str) -> bytes:
@@ -80,13 +79,24 @@ def _pack_value(v: Any, key: str) -> bytes:
     if isinstance(v, str):
         return struct.pack("<I", 8) + _pack_string(v)
     if isinstance(v, (list, tuple)):
+        if v and all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+            return _pack_int_array(list(v), key)
         items = [_pack_value(x, key) for x in v]
         itype = struct.unpack("<I", items[0][:4])[0] if items else 8
         if any(struct.unpack("<I", it[:4])[0] != itype for it in items):
-            # mixed ints widen, otherwise it is an error
             raise GGUFFormatError(f"metadata {key!r}: array items must all have one type")
         return struct.pack("<IIQ", 9, itype, len(items)) + b"".join(it[4:] for it in items)
     raise GGUFFormatError(f"metadata {key!r}: cannot store a {type(v).__name__} in GGUF")
+
+
+def _pack_int_array(v: list, key: str) -> bytes:
+    """An array of ints in the narrowest of INT32, UINT64, INT64 that holds every item."""
+    lo, hi = min(v), max(v)
+    for tid, fmt, fits in ((5, "i", -2**31 <= lo and hi < 2**31), (10, "Q", 0 <= lo and hi < 2**64),
+                           (11, "q", -2**63 <= lo and hi < 2**63)):
+        if fits:
+            return struct.pack("<IIQ", 9, tid, len(v)) + struct.pack(f"<{len(v)}{fmt}", *v)
+    raise GGUFFormatError(f"metadata {key!r}: integers from {lo} to {hi} do not fit one 64-bit type")
 
 
 def _describe(name: str, t) -> tuple:
@@ -97,10 +107,7 @@ def _describe(name: str, t) -> tuple:
         return get_format(fmt, tensor=name), tuple(int(s) for s in shape)
     if not isinstance(t, torch.Tensor):
         raise GGUFFormatError(f"expected a tensor, got {type(t).__name__}", tensor=name)
-    tid = _DTYPE_TYPES.get(t.dtype)
-    if tid is None:
-        raise GGUFFormatError(f"cannot store dtype {t.dtype} in GGUF", tensor=name)
-    return get_format(tid), tuple(int(s) for s in t.shape) or (1,)
+    return format_for_dtype(t.dtype, tensor=name), tuple(int(s) for s in t.shape) or (1,)
 
 
 def _bytes_of(name: str, t, fmt: GGMLFormat, shape: tuple, nbytes: int, stored: Optional[tuple] = None) -> torch.Tensor:
@@ -109,10 +116,7 @@ def _bytes_of(name: str, t, fmt: GGMLFormat, shape: tuple, nbytes: int, stored: 
     if getattr(t, "gguf_cls", None) is not None or t.dtype == torch.uint8:
         data = t.data if isinstance(t, torch.nn.Parameter) else t
     else:
-        want = _DTYPE_TYPES.get(t.dtype)
-        if want != fmt.type_id:
-            from .quant import quantize
-
+        if fmt.torch_dtype != t.dtype:
             data = quantize(t.reshape(stored) if stored else t, fmt, name=name)
         else:
             data = t.detach()
@@ -130,11 +134,9 @@ def save(path: Union[str, os.PathLike], tensors: Mapping[str, Any], metadata: Op
     path = Path(path)
     if alignment <= 0 or alignment & (alignment - 1):
         raise GGUFFormatError(f"alignment must be a power of two, got {alignment}", path=path)
-    meta = {k: v for k, v in (metadata or {}).items() if not str(k).startswith(_compat.ORIG_SHAPE_PREFIX)}
+    meta = {k: v for k, v in (metadata or {}).items() if not str(k).startswith(ORIG_SHAPE_PREFIX)}
     arch = meta.get("general.architecture")
     if isinstance(arch, str):
-        from .recipes import file_architecture
-
         meta["general.architecture"] = file_architecture(arch)
     if alignment != 32:
         meta["general.alignment"] = alignment
@@ -146,11 +148,11 @@ def save(path: Union[str, os.PathLike], tensors: Mapping[str, Any], metadata: Op
         fmt, shape = _describe(name, t)
         stored = None
         if not fmt.fits(shape[-1]):
-            stored = _compat.storage_shape(fmt, shape)
+            stored = storage_shape(fmt, shape)
             if stored is None:
                 raise GGUFFormatError(f"rows of {shape[-1]} are not a whole number of {fmt.name} blocks "
                                       f"(nor is the whole tensor, {list(shape)})", tensor=name)
-            meta[_compat.orig_shape_key(name)] = [int(s) for s in shape]
+            meta[orig_shape_key(name)] = [int(s) for s in shape]
         n = 1
         for s in shape:
             n *= s

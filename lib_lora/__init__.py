@@ -1,28 +1,15 @@
-"""lib_lora: LoRA files and key maps, merge-and-requantize, the run-time
-low-rank delta, and the policy that chooses between them.
+"""lib_lora: LoRA files and key maps (``loader``, ``keymaps``), merging (``merge``),
+the policy that chooses between a merge and the run-time low-rank delta
+(``policy.decide``), applying them to a module (``apply``) and baking them into a
+GGUF file (``bake``).
 
 Imports neither Forge nor gradio.
 """
 from __future__ import annotations
 
-import importlib
+from .errors import LoraError
+from .loader import LoraFile, load_lora
+from .policy import Decision, LoraOptions, decide
+from .apply import LoraHandle, apply_loras  # noqa: E402  (after the policy it uses)
 
-_EXPORTS = {
-    "load_lora": "loader",
-    "LoraFile": "loader",
-    "apply_loras": "apply",
-    "LoraHandle": "apply",
-    "LoraOptions": "policy",
-    "LoraError": "errors",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    mod = _EXPORTS.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'lib_lora' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{mod}"), name)
-    globals()[name] = value
-    return value
+__all__ = ["Decision", "LoraError", "LoraFile", "LoraHandle", "LoraOptions", "apply_loras", "decide", "load_lora"]

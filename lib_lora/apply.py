@@ -1,7 +1,8 @@
 """Applying LoRAs to a module: merge-and-requantize, or the run-time low-rank delta.
 
 ``apply_loras(module, [(lora, strength), ...], mode, options)`` returns a
-:class:`LoraHandle`. Applying is all-or-nothing: every new weight is computed
+:class:`LoraHandle`; :func:`lib_lora.policy.decide` says per weight where its patches
+go (``mode`` other than ``"auto"``: that mode for every format). Applying is all-or-nothing: every new weight is computed
 before any is swapped in. ``handle.remove()`` puts back the very parameter
 objects that were there, so every weight is bit-identical to before. In run-time
 mode the GGUF bytes are untouched; a forward hook adds
@@ -18,112 +19,30 @@ import torch
 
 from .errors import LoraError
 from .loader import LoraFile, Patch, check_finite, check_strength, load_lora
-from .policy import LoraOptions
+from .merge import _fmt, check_range, dequantized, merged_weight
+from .policy import MODES, LoraOptions, decide, is_linear_weight
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def _fmt(p):
-    return getattr(p, "gguf_cls", None) if isinstance(p, torch.Tensor) else None
-
-
-def _dequant(p: torch.Tensor) -> torch.Tensor:
-    fmt = _fmt(p)
-    if fmt is not None:
-        return fmt.dequantize(p.data, p.gguf_shape, torch.float32)
-    return p.detach().to(torch.float32)
 
 
 def _region(w: torch.Tensor, sl) -> torch.Tensor:
     return w if sl is None else w.narrow(sl[0], sl[1], sl[2])
 
 
-def merged_weight(param: torch.Tensor, patches: Sequence[Tuple[Patch, float]], name: Optional[str] = None,
-                  ) -> torch.Tensor:
-    """The float32 weight with every (patch, strength) added (DoRA applied). A result
-    holding inf or NaN (a strength too large for float32, a broken weight) raises
-    :class:`LoraError` naming the parameter: it is never written."""
-    w = _dequant(param).clone()
-    for patch, strength in patches:
-        region = _region(w, patch.slice)
-        delta = patch.delta(tuple(region.shape), torch.float32, w.device)
-        if patch.dora_scale is not None:
-            new = region + delta
-            norm = new.reshape(new.shape[0], -1).norm(dim=1).reshape(-1, *([1] * (new.dim() - 1)))
-            scaled = new * (patch.dora_scale.to(w).reshape(-1, *([1] * (new.dim() - 1))) / norm)
-            region.add_((scaled - region) * strength)
-        elif abs(strength) > torch.finfo(torch.float32).max:  # add_'s alpha must fit float32
-            region.add_(delta.mul_(strength))
-        else:
-            region.add_(delta, alpha=strength)
-    finite = torch.isfinite(w)
-    if not bool(finite.all()):
-        sources = sorted({p.source for p, _ in patches})
-        raise LoraError(f"merging gives {int((~finite).sum())} inf or NaN values (of {w.numel()}) "
-                        f"from {', '.join(sources)}: a strength too large, or a weight already broken",
-                        key=name or (patches[0][0].key if patches else None))
-    return w
-
-
-F16_MAX = 65504.0
-
-
-def check_range(w: torch.Tensor, fmt, name: str, path=None) -> None:
-    """Refuse merged values that the output format cannot hold: float16 (and the
-    float16 scales of the quantized formats) end at 65504, beyond which the file
-    would hold inf."""
-    if fmt is None or fmt.name in ("F32", "BF16", "F64"):
-        return
-    peak = float(w.abs().max()) if w.numel() else 0.0
-    if peak > F16_MAX:
-        raise LoraError(f"merged values reach {peak:.3g}, beyond what {fmt.name} holds (float16's range, "
-                        f"{F16_MAX:g}): a LoRA strength far too large?", path=path, key=name)
-
-
-def _requantize(w: torch.Tensor, param: torch.Tensor, options: LoraOptions, name: str):
+def _requantize(w: torch.Tensor, param: torch.Tensor, target: str, name: str):
+    """The merged float32 ``w`` as the new parameter: a GGUF weight requantized into
+    ``target`` (the policy's), a float one in its own dtype."""
     from lib_gguf import GGUFParameter, get_format, quantize
 
-    fmt = _fmt(param)
-    if fmt is None:
-        return torch.nn.Parameter(w.to(param.dtype), requires_grad=False), str(param.dtype).replace("torch.", "")
-    target = get_format(options.target_for(fmt))
-    if not target.fits(w.shape[-1]) or not target.can_quantize:
-        target = get_format("F16")
-    check_range(w, target, name)
-    q = quantize(w, target, name=name)
-    new = GGUFParameter(q.to(param.data.device), target, tuple(param.gguf_shape),
+    if _fmt(param) is None:
+        return torch.nn.Parameter(w.to(param.dtype), requires_grad=False)
+    fmt = get_format(target)
+    check_range(w, fmt, name)
+    q = quantize(w, fmt, name=name)
+    new = GGUFParameter(q.to(param.data.device), fmt, tuple(param.gguf_shape),
                         computation_dtype=getattr(param, "computation_dtype", torch.float16))
     new.baked = getattr(param, "baked", False)
-    return new, target.name
-
-
-def merge_keep(param: torch.Tensor, patches: Sequence[Tuple[Patch, float]], options: LoraOptions,
-               max_rows: int = 64) -> float:
-    """The share of the delta a merge would keep: ``<merged - before, delta> / <delta, delta>``,
-    measured by requantizing a sample of rows (1.0 for float parameters)."""
-    from lib_gguf import get_format, quantize
-
-    fmt = _fmt(param)
-    if fmt is None:
-        return 1.0
-    before = _dequant(param)
-    after = merged_weight(param, patches)
-    rows = before.reshape(-1, before.shape[-1])
-    n = rows.shape[0]
-    idx = torch.linspace(0, n - 1, steps=min(n, max_rows)).long()
-    b = rows[idx]
-    a = after.reshape(-1, before.shape[-1])[idx]
-    delta = a - b
-    dd = float((delta * delta).sum())
-    if dd == 0.0:
-        return 1.0
-    target = get_format(options.target_for(fmt))
-    if not target.fits(b.shape[-1]) or not target.can_quantize:
-        return 1.0
-    requant = target.dequantize(quantize(a, target), a.shape, torch.float32)
-    return float(((requant - b) * delta).sum()) / dd
+    return new
 
 
 @dataclass
@@ -141,7 +60,7 @@ class _RuntimeHook:
     def __init__(self, module: torch.nn.Module, param_name: str, entries: List[list], compute_dtype):
         self.module = module
         self.param_name = param_name
-        self.entries = entries  # [patch, strength_index] pairs; strengths live in the handle
+        self.entries = entries  # [patch, strength index, DoRA factor or None]; strengths live in the handle
         self.compute_dtype = compute_dtype
         self.strengths: List[float] = []
         self._cache: Dict[tuple, list] = {}
@@ -285,8 +204,10 @@ def apply_loras(module: torch.nn.Module, loras: Sequence[Tuple[Union[LoraFile, s
                 mode: str = "auto", options: Optional[LoraOptions] = None) -> LoraHandle:
     """Apply LoRAs to ``module``; see the module docstring."""
     options = options or LoraOptions()
-    if mode not in ("auto", "merge", "runtime"):
-        raise LoraError(f"mode must be auto, merge or runtime, got {mode!r}")
+    if mode not in MODES:
+        raise LoraError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode != "auto":  # an explicit mode is the choice for every format
+        options = options.forcing(mode)
     params = dict(module.named_parameters())
     files = []
     for l, s in loras:
@@ -306,51 +227,37 @@ def apply_loras(module: torch.nn.Module, loras: Sequence[Tuple[Union[LoraFile, s
                 by_param.setdefault(name, []).append((p, i))
     strengths = [s for _, s in files]
     handle = LoraHandle(module, strengths)
-    compute_dtype = _DTYPES.get(options.compute_dtype)
 
     # 1. decide and compute everything; nothing in the module changes yet
     new_params: Dict[str, torch.Tensor] = {}
     runtime: Dict[str, List[list]] = {}
     for name, plist in by_param.items():
         param = params[name]
-        fmt = _fmt(param)
         mod, attr = _owner(module, name)
         weighted = [(p, strengths[i]) for p, i in plist]
-        is_linear_weight = attr == "weight" and param.dim() == 2 and hasattr(mod, "weight") and hasattr(mod, "forward")
-        if fmt is None:
-            want, why = "merge", "float parameter: merged exactly"
-        else:
-            want = options.mode_for(fmt.name, mode)
-            why = f"{fmt.name}: {'asked' if mode != 'auto' else 'option'} {want}"
-        if want == "runtime" and not is_linear_weight:
-            want, why = "merge", "not a Linear weight: merged"
-        kept = None
-        if want == "merge" and fmt is not None and mode == "auto":
-            kept = merge_keep(param, weighted, options)
-            if kept < options.keep_threshold:
-                if is_linear_weight:
-                    want = "runtime"
-                    why = f"{fmt.name}: a merge would keep {kept:.0%} of the delta (< {options.keep_threshold:.0%})"
-        if want == "merge":
+        # this runner adds every kind lib_lora reads at run time (LoHa, LoKr and full
+        # diffs materialised once, DoRA as a per-row factor): no "others"
+        d = decide(param, weighted, options, linear=is_linear_weight(mod, attr, param))
+        if d.mode == "merge":
             try:
                 w = merged_weight(param, weighted, name)
-                new_params[name], target = _requantize(w, param, options, name)
+                new_params[name] = _requantize(w, param, d.target, name)
             except LoraError:
                 raise
             except Exception as e:
                 raise LoraError(f"cannot merge into {name}: {e}") from e
-            handle.report.append(LayerReport(name, "merge", why, target, kept))
+            handle.report.append(LayerReport(name, "merge", d.why, d.target, d.kept))
         else:
             entries = []
             for p, i in plist:
                 dora = None
                 if p.dora_scale is not None:
-                    w = _region(_dequant(param), p.slice)
+                    w = _region(dequantized(param), p.slice)
                     new = w + p.delta(tuple(w.shape), torch.float32)
                     dora = (p.dora_scale.float().reshape(-1) / new.reshape(new.shape[0], -1).norm(dim=1))
                 entries.append([p, i, dora])
             runtime[name] = entries
-            handle.report.append(LayerReport(name, "runtime", why, fmt.name if fmt else "", kept))
+            handle.report.append(LayerReport(name, "runtime", d.why, d.format, d.kept))
 
     # 2. swap in (cannot fail part-way: attribute assignments and hook registration)
     try:
@@ -360,7 +267,7 @@ def apply_loras(module: torch.nn.Module, loras: Sequence[Tuple[Union[LoraFile, s
             setattr(mod, attr, new)
         for name, entries in runtime.items():
             mod, _ = _owner(module, name)
-            hook = _RuntimeHook(mod, name, entries, compute_dtype)
+            hook = _RuntimeHook(mod, name, entries, options.torch_compute_dtype())
             hook.strengths = handle.strengths
             handle._hooks.append(hook)
     except BaseException:

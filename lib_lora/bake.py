@@ -16,10 +16,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .apply import check_range, merged_weight
 from .errors import LoraError
 from .loader import check_strength, load_lora
-from .policy import LoraOptions
+from .merge import check_range, merged_weight
+from .policy import LoraOptions, merge_target
 
 
 @dataclass
@@ -56,14 +56,15 @@ class _Merged:
         check_range(w, self.gguf_cls, self.name)
         self.on_done(self.name)
         if self.gguf_cls.is_float:
-            return w.to({0: torch.float32, 1: torch.float16, 30: torch.bfloat16, 28: torch.float64}[self.gguf_cls.type_id])
+            return w.to(self.gguf_cls.torch_dtype)
         return quantize(w, self.gguf_cls, name=self.name)
 
 
 def bake_loras(model_path: Union[str, Path], loras: Sequence[Tuple[Union[str, Path, dict], float]],
                out_path: Union[str, Path], progress: Optional[Callable[[int, int, str], None]] = None,
                options: Optional[LoraOptions] = None) -> BakeResult:
-    from lib_gguf import get_format
+    from lib_gguf.errors import GGUFFormatError
+    from lib_gguf.formats import format_for_dtype
     from lib_gguf.reader import GGUFFile
     from lib_gguf.writer import check_output, save
 
@@ -99,16 +100,15 @@ def bake_loras(model_path: Union[str, Path], loras: Sequence[Tuple[Union[str, Pa
             continue
         fmt = getattr(t, "gguf_cls", None)
         if fmt is None:
-            out_fmt = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                       torch.float64: "F64"}.get(t.dtype)
-            if out_fmt is None:
+            try:
+                out = format_for_dtype(t.dtype, tensor=name)
+            except GGUFFormatError:
+                out = None
+            if out is None or not out.is_float:
                 raise LoraError(f"cannot merge into a {t.dtype} tensor", path=model_path, key=name)
-            out = get_format(out_fmt)
             result.merged[name] = out.name
         else:
-            out = get_format(options.target_for(fmt))
-            if not out.fits(t.shape[-1]) or not out.can_quantize:
-                out = get_format("F16")
+            out = merge_target(fmt, options, int(t.shape[-1]))
             result.merged[name] = out.name if out is fmt else f"{fmt.name} -> {out.name}"
         tensors[name] = _Merged(name, t, by_param[name], out, on_done)
     meta = dict(f.metadata)

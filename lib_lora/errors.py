@@ -4,11 +4,7 @@ from __future__ import annotations
 
 class LoraError(ValueError):
     def __init__(self, message: str, *, path=None, key: str | None = None):
-        where = []
-        if path is not None:
-            where.append(f"LoRA {str(path)!r}")
-        if key is not None:
-            where.append(f"key {key!r}")
-        super().__init__((", ".join(where) + ": " if where else "") + message)
+        places = ([f"LoRA {str(path)!r}"] if path is not None else []) + ([f"key {key!r}"] if key is not None else [])
+        super().__init__(f"{', '.join(places)}: {message}" if places else message)
         self.path = path
         self.key = key

@@ -9,8 +9,14 @@ Formats understood: kohya/sd-scripts (``lora_unet_double_blocks_0_img_attn_qkv``
 also kohya names of diffusers layers), diffusers/PEFT and AI-toolkit
 (``transformer.transformer_blocks.0.attn.to_q``), BFL/ComfyUI
 (``diffusion_model.double_blocks.0.img_attn.qkv``), XLabs
-(``double_blocks.0.processor.qkv_lora1``), LyCORIS (LoHa, LoKr, full ``diff``,
-``diff_b`` bias diffs, ``dora_scale``).
+(``double_blocks.0.processor.qkv_lora1``), BFL's control LoRAs (``lora_B.bias`` bias
+diffs, norm ``.scale`` replacements), LyCORIS (LoHa, LoKr, full ``diff``, ``diff_b`` bias
+diffs, ``dora_scale``). tests/data/lora_keys/ lists the keys of real files of each format.
+
+:meth:`KeyMap.resolve` gives the *pieces* a stem lands in: (parameter, slice of the
+parameter, rows of the LoRA's own output). Most stems are one whole piece; diffusers'
+``norm_out.linear`` is BFL's ``final_layer.adaLN_modulation.1`` with its two halves
+swapped (diffusers orders scale, shift; BFL shift, scale), so it is two pieces.
 """
 from __future__ import annotations
 
@@ -23,20 +29,27 @@ PARTS = [
     "lora_A.weight", "lora_B.weight", "lora.down.weight", "lora.up.weight", "down.weight", "up.weight",
     "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
     "lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_t2",
-    "alpha", "dora_scale", "diff", "diff_b", "set_weight",
+    "alpha", "dora_scale", "diff", "diff_b", "set_weight", "lora_B.bias", "scale",
 ]
 # normalised part names
 CANON = {
     "lora_down.weight": "down", "lora_A.weight": "down", "lora_A.default.weight": "down", "lora.down.weight": "down",
     "down.weight": "down", "lora_up.weight": "up", "lora_B.weight": "up", "lora_B.default.weight": "up",
     "lora.up.weight": "up", "up.weight": "up", "lora_mid.weight": "mid",
+    # BFL's LinearLora: lora_B has a bias, added to the layer's output (a bias diff)
+    "lora_B.bias": "diff_b",
+    # a value that replaces the model's (BFL control LoRAs' norm scales; ComfyUI's name for it)
+    "scale": "set", "set_weight": "set",
 }
 
 PREFIXES = ["base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "unet.",
             "lora_unet_", "lora_transformer_", "lycoris_", "model."]
 
 # Slice = (dim, start, length) of a fused weight, filled in from the model's shapes.
-Target = Tuple[str, Optional[Tuple[int, int, int]]]
+Slice = Tuple[int, int, int]
+Target = Tuple[str, Optional[Slice]]
+# Piece = (parameter, its slice, (start, length) of the LoRA's output rows or None for all)
+Piece = Tuple[str, Optional[Slice], Optional[Tuple[int, int]]]
 
 
 def split_key(key: str) -> Optional[Tuple[str, str]]:
@@ -72,6 +85,8 @@ def _diffusers_flux_map(shapes: Mapping[str, Tuple[int, ...]]) -> Dict[str, Targ
     }
     for d, b in top.items():
         out[d] = (f"{b}.weight", None)
+    if "final_layer.adaLN_modulation.1.weight" in shapes:
+        out["norm_out.linear"] = ("final_layer.adaLN_modulation.1.weight", None)  # halves swapped: see SWAPPED
     i = 0
     while f"double_blocks.{i}.img_attn.qkv.weight" in shapes:
         p = f"double_blocks.{i}"
@@ -110,6 +125,10 @@ def _diffusers_flux_map(shapes: Mapping[str, Tuple[int, ...]]) -> Dict[str, Targ
     return out
 
 
+# diffusers stems whose output halves are in the other order than the BFL weight's
+SWAPPED = ("norm_out.linear",)
+
+
 def _xlabs_map(shapes: Mapping[str, Tuple[int, ...]]) -> Dict[str, Target]:
     out: Dict[str, Target] = {}
     for name in shapes:
@@ -125,6 +144,7 @@ def _xlabs_map(shapes: Mapping[str, Tuple[int, ...]]) -> Dict[str, Target]:
             p = f"single_blocks.{m.group(1)}"
             h = shapes[name][0]
             out[f"{p}.processor.qkv_lora"] = (f"{p}.linear1.weight", (0, 0, 3 * h))
+            out[f"{p}.processor.proj_lora"] = (name, None)  # on linear2's input (attention and mlp)
     return out
 
 
@@ -143,9 +163,22 @@ class KeyMap:
             self.direct.setdefault(d, target)
             self.direct.setdefault(d.replace(".", "_"), target)
 
-    def resolve(self, stem: str) -> Optional[Target]:
+    def target(self, stem: str) -> Optional[Target]:
+        """The parameter (and slice) a stem names, in this model's naming."""
         s = strip_prefix(stem)
         return self.direct.get(s) or self.direct.get(s.replace(".", "_"))
+
+    def resolve(self, stem: str) -> Optional[List[Piece]]:
+        """The pieces a stem lands in (see the module's docstring); None when it names no layer."""
+        t = self.target(stem)
+        if t is None:
+            return None
+        name, sl = t
+        s = strip_prefix(stem)
+        if any(s in (d, d.replace(".", "_")) for d in SWAPPED):
+            h = self.shapes[name][0] // 2
+            return [(name, (0, h, h), (0, h)), (name, (0, 0, h), (h, h))]
+        return [(name, sl, None)]
 
     def bias_of(self, weight_name: str) -> Optional[str]:
         b = weight_name.rpartition(".")[0] + ".bias"

@@ -201,51 +201,40 @@ def load_lora(path_or_state_dict, model_keys) -> LoraFile:
         stem, part = sk
         groups.setdefault(stem, {})[part] = value
         names.setdefault(stem, {})[part] = key
+    _refuse_control_lora(path, groups, km)
     placed_any = False
     incomplete: List[str] = []
     for stem, parts in groups.items():
         keys = list(names[stem].values())
-        target = km.resolve(stem)
-        if target is None:
+        pieces = km.resolve(stem)
+        if pieces is None:
+            why = _TEXT_ENCODER if stem.startswith(_TE_PREFIXES) else "no matching layer in this model"
             for k in keys:
-                lf.unplaced[k] = "no matching layer in this model"
+                lf.unplaced[k] = why
             continue
-        pname, sl = target
-        alpha = parts.get("alpha")
-        alpha = float(alpha.float().reshape(-1)[0]) if isinstance(alpha, torch.Tensor) else alpha
-        dora = parts.get("dora_scale")
-        patches: List[Patch] = []
-        if "diff_b" in parts:
-            bname = km.bias_of(pname)
-            if bname is None:
-                lf.unplaced[names[stem]["diff_b"]] = "the layer has no bias"
-            else:
-                patches.append(Patch(bname, "diff", {"diff": parts["diff_b"]}, source=stem,
-                                     slice=(0, sl[1], sl[2]) if sl else None))
-        if "up" in parts and "down" in parts:
-            t = {"up": parts["up"], "down": parts["down"]}
-            if "mid" in parts:
-                t["mid"] = parts["mid"]
-            patches.append(Patch(pname, "lora", t, alpha, dora, sl, stem))
-        elif {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} <= set(parts):
-            t = {k: parts[k] for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
-            patches.append(Patch(pname, "loha", t, alpha, dora, sl, stem))
-        elif any(k.startswith("lokr_w1") for k in parts) and any(k.startswith("lokr_w2") for k in parts):
-            t = {k: v for k, v in parts.items() if k.startswith("lokr_")}
-            patches.append(Patch(pname, "lokr", t, alpha, dora, sl, stem))
-        elif "diff" in parts:
-            patches.append(Patch(pname, "diff", {"diff": parts["diff"]}, None, None, sl, stem))
-        elif "diff_b" not in parts:
+        if "set" in parts:
+            lf.unplaced[names[stem]["set"]] = (f"a replacement value for {pieces[0][0]}, not a change: lib_lora applies "
+                                               f"changes only (the model's own value stays)")
+            parts = {k: v for k, v in parts.items() if k != "set"}
+            if not parts:
+                continue
+        pname = pieces[0][0]
+        whole = _patches(stem, parts, names[stem], pname, km, lf)
+        if whole is None:
             why = _incomplete(names[stem], parts)
             incomplete.append(why)
             for k in keys:
                 lf.unplaced[k] = why
             continue
-        for p in patches:
-            shape = p.target_shape(shapes[p.key])
-            _check_shape(p, shape, path)
-            lf.patches.setdefault(p.key, []).append(p)
-            placed_any = True
+        for p in whole:
+            _check_dora_axis(p, shapes[pname], path)
+            for _name, sl, rows in pieces:
+                q = _rows(p, rows, shapes[pname]) if rows else p
+                q.slice = (0, sl[1], sl[2]) if (sl and q.key != pname) else sl
+                shape = q.target_shape(shapes[q.key])
+                _check_shape(q, shape, path)
+                lf.patches.setdefault(q.key, []).append(q)
+                placed_any = True
     if not placed_any:
         if incomplete:
             raise LoraError(f"an incomplete LoRA, nothing to apply: {'; '.join(incomplete[:5])}"
@@ -254,6 +243,78 @@ def load_lora(path_or_state_dict, model_keys) -> LoraFile:
         raise LoraError(f"none of its {len(sd)} keys match this model (a LoRA for another architecture?); keys: "
                         f"{', '.join(repr(k) for k in listed[:8])}{' ...' if len(listed) > 8 else ''}", path=path)
     return lf
+
+
+_TE_PREFIXES = ("lora_te", "text_encoder", "text_encoders", "te1.", "te2.")
+_TEXT_ENCODER = "a text encoder's key: lib_lora patches the diffusion model only"
+
+
+def _patches(stem, parts, file_keys, pname, km, lf) -> Optional[List[Patch]]:
+    """The patches of one stem on the whole parameter (None when its parts make no patch)."""
+    alpha = parts.get("alpha")
+    alpha = float(alpha.float().reshape(-1)[0]) if isinstance(alpha, torch.Tensor) else alpha
+    dora = parts.get("dora_scale")
+    patches: List[Patch] = []
+    if "diff_b" in parts:
+        bname = km.bias_of(pname)
+        if bname is None:
+            lf.unplaced[file_keys["diff_b"]] = "the layer has no bias"
+        else:
+            patches.append(Patch(bname, "diff", {"diff": parts["diff_b"]}, source=stem))
+    if "up" in parts and "down" in parts:
+        t = {"up": parts["up"], "down": parts["down"]}
+        if "mid" in parts:
+            t["mid"] = parts["mid"]
+        patches.append(Patch(pname, "lora", t, alpha, dora, None, stem))
+    elif set(_LOHA) <= set(parts):
+        patches.append(Patch(pname, "loha", {k: parts[k] for k in _LOHA}, alpha, dora, None, stem))
+    elif any(k.startswith("lokr_w1") for k in parts) and any(k.startswith("lokr_w2") for k in parts):
+        t = {k: v for k, v in parts.items() if k.startswith("lokr_")}
+        patches.append(Patch(pname, "lokr", t, alpha, dora, None, stem))
+    elif "diff" in parts:
+        patches.append(Patch(pname, "diff", {"diff": parts["diff"]}, None, None, None, stem))
+    elif "diff_b" not in parts:
+        return None
+    return patches
+
+
+def _rows(p: Patch, rows: Tuple[int, int], param_shape) -> Patch:
+    """The part of patch ``p`` that makes output rows ``rows`` = (start, length) of its delta."""
+    a, n = rows
+    t = dict(p.tensors)
+    kind, alpha = p.kind, p.alpha
+    if kind == "lora":
+        t["up"] = t["up"][a:a + n]
+    elif kind == "loha":
+        t["hada_w1_a"], t["hada_w2_a"] = t["hada_w1_a"][a:a + n], t["hada_w2_a"][a:a + n]
+    else:  # diff, or LoKr (its Kronecker factors do not split by rows): the delta's rows
+        full = p.delta(tuple(param_shape) if p.kind != "diff" else tuple(t["diff"].shape))
+        t, kind, alpha = {"diff": full[a:a + n].contiguous()}, "diff", None
+    dora = p.dora_scale.reshape(-1)[a:a + n].reshape(-1, 1) if p.dora_scale is not None else None
+    return Patch(p.key, kind, t, alpha, dora, None, p.source)
+
+
+def _check_dora_axis(p: Patch, shape, path) -> None:
+    """DoRA's magnitude must be per output row (shape (out,) or (out, 1)); LyCORIS's default
+    (1, in) is a per-input-column magnitude, which lib_lora does not apply."""
+    d = p.dora_scale
+    if d is not None and d.dim() >= 2 and d.shape[0] == 1 and d.shape[1] > 1 and len(shape) > 1:
+        raise LoraError(f"dora_scale of shape {tuple(d.shape)} is a per-input magnitude (LyCORIS's wd_on_out=False); "
+                        f"only per-output DoRA (shape ({shape[0]}, 1)) is supported", path=path, key=p.source)
+
+
+def _refuse_control_lora(path, groups, km) -> None:
+    """BFL's FLUX.1 Canny/Depth LoRAs widen ``img_in`` for the control image's channels; on a
+    model whose img_in is narrower they cannot work (and Forge gives the model no control input)."""
+    for stem, parts in groups.items():
+        pieces = km.resolve(stem) if "down" in parts else None
+        if not pieces or pieces[0][0] != "img_in.weight":
+            continue
+        need, have = parts["down"].shape[-1], km.shapes["img_in.weight"][-1]
+        if need > have:
+            raise LoraError(f"a FLUX.1 Control LoRA (Canny/Depth): its img_in takes {need} input channels, this "
+                            f"model's {have}; it needs the control image's channels, which this model has not",
+                            path=path, key=stem)
 
 
 def _check_shape(p: Patch, shape: Tuple[int, ...], path) -> None:

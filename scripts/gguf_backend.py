@@ -2,12 +2,11 @@
 the tab's options, and records the LoRA mode used in each image's infotext.
 
 Forge executes every file in ``scripts/`` at startup with the extension's folder on
-``sys.path`` (so ``extension``, ``lib_gguf`` and ``lib_lora`` import). Outside Forge
+``sys.path`` (so ``extension``, ``gguf_tab``, ``lib_gguf`` and ``lib_lora`` import). Outside Forge
 importing this file does nothing: ``modules.scripts`` is not importable.
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import sys
@@ -18,17 +17,6 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
-def _ui():
-    """scripts/gguf_ui.py, loaded by path (a PyPI package named ``scripts`` may shadow ours)."""
-    mod = sys.modules.get("forge_gguf_lora_ui")
-    if mod is None:
-        spec = importlib.util.spec_from_file_location("forge_gguf_lora_ui", os.path.join(ROOT, "scripts", "gguf_ui.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["forge_gguf_lora_ui"] = mod
-        spec.loader.exec_module(mod)
-    return mod
-
-
 def infotext_params(sd_model=None) -> dict:
     """``{"GGUF LoRA": "Q4_K:runtime"}`` for the modes in use in ``sd_model``'s parts
     (each part's last LoRA refresh; all parts refreshed so far when None), or {}."""
@@ -37,15 +25,18 @@ def infotext_params(sd_model=None) -> dict:
     modes = extension.last_modes(sd_model)
     if not modes:
         return {}
-    return _ui().lora_infotext(modes=modes)
+    from gguf_tab.options import lora_infotext
+
+    return lora_infotext(modes=modes)
 
 
 def apply_pasted_modes(text: str) -> dict:
     """``"Q4_K:runtime,Q8_0:merge"`` (from a pasted infotext) -> the modes that win
     over the options for this generation; empty text clears them. Returns them."""
     import extension
+    from gguf_tab.options import parse_lora_infotext
 
-    modes = _ui().parse_lora_infotext(text or "")
+    modes = parse_lora_infotext(text or "")
     extension.set_mode_override(modes)
     return extension._state.get("override", {})
 
@@ -53,11 +44,11 @@ def apply_pasted_modes(text: str) -> dict:
 def setup() -> bool:
     """Register the backend with the tab's options as the policy's input. False outside Forge."""
     import extension
+    from gguf_tab.options import current_options
 
     if not extension.register():
         return False
-    ui = _ui()
-    extension.set_options_provider(ui.current_options)
+    extension.set_options_provider(current_options)
     return True
 
 
@@ -86,10 +77,12 @@ if _forge_scripts is not None and hasattr(_forge_scripts, "Script"):
             those modes then win over the tab's options, so the image is reproduced."""
             import gradio as gr
 
+            from gguf_tab.options import INFOTEXT_KEY
+
             with gr.Accordion("GGUF LoRA", open=False):
                 modes = gr.Textbox(label="LoRA modes from a pasted infotext (empty: the GGUF tab's options)",
                                    value="", lines=1)
-            self.infotext_fields = [(modes, _ui().INFOTEXT_KEY)]
+            self.infotext_fields = [(modes, INFOTEXT_KEY)]
             return [modes]
 
         def process(self, p, modes="", *args, **kwargs):

@@ -1,4 +1,3 @@
-import os
 import sys
 from pathlib import Path
 
@@ -9,33 +8,29 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def oracle_path() -> Path:
-    """ggml's reference bytes: $GGML_ORACLE, else ../shared/oracle beside the checkout."""
-    env = os.environ.get("GGML_ORACLE")
-    if env:
-        return Path(env)
-    return ROOT.parent / "shared" / "oracle" / "ggml_quants.npz"
+ORACLE = ROOT / "tests" / "data" / "ggml_quants.npz"
 
 
 @pytest.fixture(scope="session")
 def oracle():
+    """ggml's reference bytes (tests/data/ggml_quants.npz, made by tests/data/make_oracle.py).
+    A missing oracle fails the tests that need it: it is committed, never optional."""
     import numpy as np
 
-    p = oracle_path()
-    if not p.exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"ggml oracle not found at {p} (CI must have ../shared/oracle)")
-        pytest.skip(f"ggml oracle not found at {p}")
-    return dict(np.load(p, allow_pickle=False))
+    if not ORACLE.exists():
+        pytest.fail(f"ggml oracle not found at {ORACLE}: it is part of the repository "
+                    f"(remake it with python tests/data/make_oracle.py)")
+    with np.load(ORACLE, allow_pickle=False) as data:
+        return dict(data)
 
 
 @pytest.fixture(params=["torch", "numba"])
 def backend(request):
     """Run a test once on the torch kernels and once on the compiled (numba) ones."""
-    from lib_gguf import backend as bk, quant_numba
+    from lib_gguf import backend as bk, numba_support
 
-    if request.param == "numba" and not quant_numba.available():
-        pytest.skip("numba is not installed")
+    if request.param == "numba" and not numba_support.available():  # requirements.txt has it
+        pytest.fail("numba does not import here: the compiled kernels cannot be tested (pip install numba)")
     old = bk.set_backend(request.param)
     yield request.param
     bk.set_backend(old)

@@ -1,17 +1,38 @@
-"""scripts/gguf_backend.py: registration at Forge's script load, and the infotext."""
+"""scripts/gguf_backend.py: registration at Forge's script load, and the infotext.
+
+With a Forge checkout (FORGE_DIR, FORGE_PYTHON) the script is loaded by Forge's own
+script loader against Forge's ``modules.scripts.Script``; without one, against a
+stand-in for it."""
 import importlib.util
+import os
 import sys
 import types
 from pathlib import Path
 
+import pytest
+
 import extension
 
 ROOT = Path(__file__).resolve().parents[1]
+FORGE_DIR = os.environ.get("FORGE_DIR")
+stand_in_only = pytest.mark.skipif(bool(FORGE_DIR), reason="FORGE_DIR is set: Forge's own Script is tested instead")
 
 
-def _load(name, fake_forge=False, monkeypatch=None):
-    if fake_forge:
-        class Script:  # the two members Forge's Script base offers that we use
+@pytest.mark.skipif(not FORGE_DIR, reason="set FORGE_DIR (and FORGE_PYTHON) to a Forge checkout")
+def test_in_forge_the_script_registers_and_records_the_infotext():
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_ui import run_forge_check
+
+    r = run_forge_check("backend")
+    assert r["registered"] and r["is_forge_script"] and r["always_visible"], r
+    assert r["ui"] == ["Textbox", "GGUF LoRA"]
+    assert r["pasted"] == {"Q4_K": "runtime", "Q8_0": "merge"} and r["cleared"] == {}
+    assert r["infotext"] == {"GGUF LoRA": "F16:merge,Q4_K:runtime,Q8_0:merge+runtime"}
+
+
+def _load(name, stand_in_forge=False, monkeypatch=None):
+    if stand_in_forge:
+        class Script:  # a stand-in for Forge's Script base (the no-Forge run only)
             pass
 
         mods = types.ModuleType("modules")
@@ -46,8 +67,9 @@ def _fake_model(unet_modes, clip_modes, vae_modes):
     return types.SimpleNamespace(forge_objects=fo)
 
 
+@stand_in_only
 def test_infotext_records_the_modes_of_every_part_of_the_model(monkeypatch):
-    mod = _load("gguf_backend_forge", fake_forge=True, monkeypatch=monkeypatch)
+    mod = _load("gguf_backend_forge", stand_in_forge=True, monkeypatch=monkeypatch)
     p = types.SimpleNamespace(extra_generation_params={"Seed": 1}, sd_model=_fake_model({}, {}, {}))
     script = mod.GGUFLoraScript()
     assert script.show(False) is sys.modules["modules.scripts"].AlwaysVisible
@@ -59,7 +81,9 @@ def test_infotext_records_the_modes_of_every_part_of_the_model(monkeypatch):
     script.postprocess_batch(p, images=None, batch_number=0)
     text = p.extra_generation_params["GGUF LoRA"]
     assert text == "F16:merge,Q4_K:runtime,Q8_0:merge+runtime"
-    assert mod._ui().parse_lora_infotext(text) == {"F16": "merge", "Q4_K": "runtime", "Q8_0": "merge+runtime"}
+    from gguf_tab.options import parse_lora_infotext
+
+    assert parse_lora_infotext(text) == {"F16": "merge", "Q4_K": "runtime", "Q8_0": "merge+runtime"}
 
 
 def test_runtime_factors_follow_the_layer_device():
@@ -85,10 +109,11 @@ def test_runtime_factors_follow_the_layer_device():
     hook.remove()
 
 
+@stand_in_only
 def test_pasted_infotext_modes_win_over_the_options(monkeypatch):
     from lib_lora.policy import LoraOptions
 
-    mod = _load("gguf_backend_paste", fake_forge=True, monkeypatch=monkeypatch)
+    mod = _load("gguf_backend_paste", stand_in_forge=True, monkeypatch=monkeypatch)
     monkeypatch.setitem(extension._state, "options", lambda: LoraOptions(mode_by_format={"Q4_K": "merge"}))
     try:
         script = mod.GGUFLoraScript()
@@ -101,11 +126,11 @@ def test_pasted_infotext_modes_win_over_the_options(monkeypatch):
         extension.set_mode_override(None)
 
 
+@pytest.mark.ui
+@stand_in_only
 def test_the_paste_field_is_registered_for_the_infotext_key(monkeypatch):
-    import pytest
-
-    gr = pytest.importorskip("gradio")
-    mod = _load("gguf_backend_ui", fake_forge=True, monkeypatch=monkeypatch)
+    import gradio as gr
+    mod = _load("gguf_backend_ui", stand_in_forge=True, monkeypatch=monkeypatch)
     script = mod.GGUFLoraScript()
     with gr.Blocks():
         comps = script.ui(False)

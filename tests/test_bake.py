@@ -45,7 +45,7 @@ def test_bake_cli(tmp_path, model, lora):
     out = tmp_path / "baked.gguf"
     before = model.read_bytes()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-m", "lib_gguf", "bake-lora", str(model), f"{path}:0.7", "-o", str(out)],
+    r = subprocess.run([sys.executable, "-m", "lib_lora", "bake", str(model), f"{path}:0.7", "-o", str(out)],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     assert model.read_bytes() == before  # input untouched

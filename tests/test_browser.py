@@ -5,8 +5,9 @@ LoRA option and saves it, reloads the page, inspects the sample model, and check
 what the page shows against gguf-py's own reading of the file. Saves a screenshot
 to ``artifacts/gguf_tab.png``.
 
-Needs: ``pip install playwright`` and Debian's chromium (``apt-get install -y
-chromium``, at /usr/bin/chromium, or $CHROMIUM); skipped with the reason otherwise.
+Needs playwright and gradio (requirements-test.txt) and Debian's chromium
+(``apt-get install -y chromium``, at /usr/bin/chromium, or $CHROMIUM): without them
+the file fails with what to install (deselect it with ``-m "not browser"``).
 """
 from __future__ import annotations
 
@@ -26,14 +27,15 @@ CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
-pytest.importorskip("gradio", reason="gradio is not installed (pip install gradio)")
+import gradio  # noqa: E402,F401  (requirements-test.txt)
+from playwright import sync_api  # noqa: E402  (requirements-test.txt)
+
 if not Path(CHROMIUM).exists():
-    pytest.skip(f"no chromium at {CHROMIUM} (apt-get install -y chromium, or set $CHROMIUM)",
-                allow_module_level=True)
+    pytest.fail(f"test_browser: no chromium at {CHROMIUM}: apt-get install -y chromium, or set $CHROMIUM "
+                "(or deselect the browser tests with -m 'not browser')", pytrace=False)
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_ui import load_ui, reference_listing, write_reference_gguf  # noqa: E402
+from test_ui import reference_listing, write_reference_gguf  # noqa: E402
 
 
 def free_port() -> int:
@@ -42,34 +44,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def have(*mods) -> bool:
-    try:
-        for m in mods:
-            __import__(m)
-        return True
-    except ModuleNotFoundError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """The standalone tab on a free port, with the built-in sample model when
     lib_gguf can write it (else no model)."""
+    from gguf_tab import app, common, options as tab_options
+
     tmp = tmp_path_factory.mktemp("browser")
-    ui = load_ui("gguf_ui_browser")
-    os.environ[ui.CACHE_ENV] = str(tmp / "cache")
-    ui._STATE.forge = None
+    os.environ[common.CACHE_ENV] = str(tmp / "cache")
+    common.set_host(None)
     options = tmp / "options.json"
     port = free_port()
-    demo = ui.serve(port=port, model=None, block=False, options_path=options)
+    demo = app.serve(port=port, model=None, block=False, options_path=options)
     try:
-        yield types.SimpleNamespace(ui=ui, url=f"http://127.0.0.1:{port}", options=options, tmp=tmp,
-                                    model=Path(ui.loaded_model()) if ui.loaded_model() else None)
+        yield types.SimpleNamespace(options_module=tab_options, url=f"http://127.0.0.1:{port}", options=options,
+                                    tmp=tmp, model=Path(common.loaded_model()))
     finally:
         demo.close()
-        os.environ.pop(ui.CACHE_ENV, None)
-        ui.set_options_file(None)
-        ui.set_loaded_model(None)
+        os.environ.pop(common.CACHE_ENV, None)
+        tab_options.set_options_file(None)
+        common.set_loaded_model(None)
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +110,7 @@ def test_per_format_option_saved_and_shown_after_reload(page, served):
     expect(page.locator("#gguf_opt_status")).to_contain_text("Saved")
     saved = json.loads(served.options.read_text())
     assert saved["mode_by_format"] == {"Q4_K": "merge", "Q8_0": "runtime"}
-    assert served.ui.current_options_dict()["mode_by_format"] == saved["mode_by_format"]
+    assert served.options_module.load_options()["mode_by_format"] == saved["mode_by_format"]
     page.reload()
     expect(page.locator("#gguf_mode_Q4_K").get_by_label("merge", exact=True)).to_be_checked()
     expect(page.locator("#gguf_mode_Q8_0").get_by_label("run-time", exact=True)).to_be_checked()
@@ -125,8 +119,6 @@ def test_per_format_option_saved_and_shown_after_reload(page, served):
 
 
 def test_inspect_the_sample_model(page, served):
-    if served.model is None:
-        pytest.skip("lib_gguf.reader / writer / converter have not landed yet: no sample model to inspect")
     expect = sync_api.expect
     model = served.model
     assert model.exists() and model.suffix == ".gguf"
@@ -160,8 +152,6 @@ def test_inspect_the_sample_model(page, served):
 
 
 def test_convert_in_the_page(page, served):
-    if not have("lib_gguf.reader", "lib_gguf.writer"):
-        pytest.skip("lib_gguf.reader / writer have not landed yet")
     from safetensors.torch import save_file
 
     from lib_gguf.sample import tiny_flux_state_dict

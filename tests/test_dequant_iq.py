@@ -6,12 +6,12 @@ import pytest
 import torch
 
 import lib_gguf
-from lib_gguf import dequant_numba, get_format
+from lib_gguf import get_format, numba_kernels
+from lib_gguf.families import lattice, lattice_grids
+from lib_gguf.formats import FORMATS as ALL
 
-FORMATS = ["IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0", "MXFP4", "NVFP4", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S",
-           "IQ1_S", "IQ1_M"]
-FP16_FIELDS = {"IQ4_NL": [0], "IQ4_XS": [0], "TQ1_0": [52], "TQ2_0": [64], "IQ2_XXS": [0], "IQ2_XS": [0],
-               "IQ2_S": [0], "IQ3_XXS": [0], "IQ3_S": [0], "IQ1_S": [0]}
+FORMATS = sorted(f.name for f in ALL.values() if f.family in ("iq", "ternary", "fp4") and f.can_dequantize)
+COMPILED = sorted(f.name for f in ALL.values() if f.kernels.numba_dequantize)
 KINDS = ["normal", "weights", "laplace_outliers", "positive", "negative", "sparse_zero_const_rows", "tiny", "huge",
          "integers"]
 
@@ -24,13 +24,12 @@ def _random_blocks(name, n=600, seed=0):
     f = get_format(name)
     rng = np.random.default_rng(seed)
     b = rng.integers(0, 256, size=(n, f.type_size), dtype=np.uint8)
-    for off in FP16_FIELDS.get(name, []):  # finite fp16 scales: clear the top exponent bit
-        b[:, off + 1] &= 0xBF
+    for field in f.layout.float_fields():  # finite fp16 scales: clear the top exponent bit
+        b[:, field.offset + 1] &= 0xBF
     if name == "NVFP4":
-        b[:, :4] &= 0x7F  # unsigned E4M3 scales
+        b[:, f.layout.d.slice] &= 0x7F  # unsigned E4M3 scales
     if name == "IQ1_M":
-        b[:, 55] &= 0xBF  # the fp16 scale's top nibble sits in byte 55: keep it finite
-        b[:, 32:48] |= 0x88  # delta sign bits set: see test_iq1_m_delta_signs_follow_ggml
+        b[:, f.layout.scales.end - 1] &= 0xBF  # the fp16 scale's top nibble is the last byte's: keep it finite
     return b
 
 
@@ -43,14 +42,8 @@ def _check(name, raw):
     assert torch.equal(half, got.to(torch.float16))
 
 
-def _skip_without_kernel(name, backend):
-    if backend == "numba" and not dequant_numba.has_kernel(get_format(name).type_id):
-        pytest.skip(f"no compiled dequantizer for {name}: the torch one runs")
-
-
 @pytest.mark.parametrize("name", FORMATS)
 def test_random_bytes_match_gguf(name, backend):
-    _skip_without_kernel(name, backend)
     if not _gguf_has(name):
         pytest.skip(f"this gguf ({getattr(gguf, '__version__', 'old')}) has no {name} dequantizer to compare with")
     _check(name, _random_blocks(name))
@@ -61,15 +54,13 @@ ORACLE_FORMATS = ["IQ4_NL", "IQ4_XS", "TQ1_0", "TQ2_0", "IQ3_XXS", "IQ3_S", "IQ2
 
 @pytest.mark.parametrize("name", ORACLE_FORMATS)
 def test_ggml_made_blocks_match_gguf(oracle, name, backend):
-    _skip_without_kernel(name, backend)
     if not _gguf_has(name):
         pytest.skip(f"this gguf has no {name} dequantizer to compare with")
     for kind in KINDS:
         _check(name, oracle[f"{kind}.{name}"].reshape(-1, get_format(name).type_size))
 
 
-@pytest.mark.skipif(not dequant_numba.available(), reason="numba is not installed")
-@pytest.mark.parametrize("name", [n for n in FORMATS if n not in ("IQ4_NL", "IQ4_XS")])
+@pytest.mark.parametrize("name", COMPILED)
 def test_compiled_and_torch_kernels_agree_on_any_bytes(name):
     """Every byte pattern, non-finite scales included: the same values (NaN where the
     torch kernel gives NaN), in float32 and float16, across several parallel chunks."""
@@ -78,7 +69,7 @@ def test_compiled_and_torch_kernels_agree_on_any_bytes(name):
     f = get_format(name)
     raw = torch.from_numpy(np.random.default_rng(7).integers(0, 256, (1500, f.type_size), dtype=np.uint8))
     shape = (3, 1500 * f.block_size // 3)
-    assert dequant_numba.has_kernel(f.type_id)
+    assert numba_kernels.dequantizer(f.type_id) is not None
     for dtype in (torch.float32, torch.float16):
         old = bk.set_backend("torch")
         try:
@@ -93,7 +84,6 @@ def test_compiled_and_torch_kernels_agree_on_any_bytes(name):
         assert torch.equal(got[~nan], want[~nan])
 
 
-@pytest.mark.skipif(not dequant_numba.available(), reason="numba is not installed")
 @pytest.mark.parametrize("name", ["MXFP4", "NVFP4"])
 def test_compiled_fp4_scales_equal_torch_for_every_scale_byte(name):
     """The compiled FP4 kernels read their scales from 256-entry tables: every byte,
@@ -136,24 +126,22 @@ def test_ternary_values_are_ternary(oracle):
         assert set(torch.unique(q[torch.isfinite(q)]).tolist()) <= {-1.0, 0.0, 1.0}
 
 
-def test_iq1_m_delta_signs_follow_ggml():
-    """ggml: bit 3 of each qh nibble set means delta -1/8, clear means +1/8."""
-    raw = _random_blocks("IQ1_M", 4, seed=5)
-    set_bits = lib_gguf.dequantize(torch.from_numpy(raw.copy()), "IQ1_M", (1024,), torch.float32)
-    raw[:, 32:48] &= 0x77
-    clear = lib_gguf.dequantize(torch.from_numpy(raw.copy()), "IQ1_M", (1024,), torch.float32)
-    from lib_gguf.grids import grid
-    # same grid points and scales, delta flipped: the difference is 2 * 1/8 * dl everywhere
-    diff = (clear - set_bits).reshape(4, 16, 16)
-    assert torch.all(diff.reshape(4, 16, 16).std(dim=-1) < 1e-3 * diff.abs().amax().clamp(min=1e-30))
-    assert torch.all(diff.reshape(4, 16, 16).mean(dim=-1) * torch.sign(diff.reshape(4, 16, 16)[..., 0]) >= 0)
+def test_iq1_m_delta_signs_follow_ggml(backend):
+    """ggml: bit 3 of each qh nibble set means the group's delta is -1/8, clear +1/8;
+    gguf-py reads it the same way. Random bytes, both states in every block."""
+    if not _gguf_has("IQ1_M"):
+        pytest.skip("this gguf has no IQ1_M dequantizer to compare with")
+    raw = _random_blocks("IQ1_M", 64, seed=5)
+    nib = np.stack([raw[:, lattice.IQ1_M.qh.slice] & 0x0F, raw[:, lattice.IQ1_M.qh.slice] >> 4], -1)
+    minus = (nib & 8) != 0
+    assert minus.any(axis=(1, 2)).all() and (~minus).any(axis=(1, 2)).all()
+    _check("IQ1_M", raw)
 
 
-@pytest.mark.parametrize("name", ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M"])
+@pytest.mark.parametrize("name", sorted(lattice_grids.GRIDS))
 def test_grids_equal_gguf_py_grids(name):
     """Every entry of our compact grids equals gguf-py's lattice (all entries, not only those random bytes hit)."""
-    from lib_gguf.grids import grid
-
+    grid = lattice_grids.grid
     cls = getattr(gguf.quants, name, None)
     if cls is None:
         pytest.skip(f"this gguf has no {name} grid to compare with")
@@ -164,7 +152,7 @@ def test_grids_equal_gguf_py_grids(name):
 
 
 def test_ksigns_equal_gguf_py():
-    from lib_gguf.grids import ksigns
+    ksigns = lattice_grids.ksigns
 
     ks = np.frombuffer(bytes(gguf.quants.IQ2_XXS.ksigns), dtype=np.uint8)
     bits = ((ks[:, None] >> np.arange(8)) & 1).astype(np.float32)
@@ -183,10 +171,9 @@ def test_compiled_dequantizer_failure_falls_back_to_torch(monkeypatch, caplog):
 
     def broken(*a, **k):
         calls.append(1)
-        raise RuntimeError("LLVM could not compile")
+        raise numba_kernels.COMPILE_ERRORS[0]("LLVM could not compile")
 
-    monkeypatch.setattr(dequant_numba, "has_kernel", lambda type_id: True)
-    monkeypatch.setattr(dequant_numba, "run", broken)
+    monkeypatch.setitem(numba_kernels.DEQUANTIZERS, get_format("IQ3_S").type_id, broken)
     monkeypatch.setattr(bk, "_failed", set())
     try:
         bk.set_backend("auto")
@@ -199,17 +186,21 @@ def test_compiled_dequantizer_failure_falls_back_to_torch(monkeypatch, caplog):
         bk._failed.clear()
         lib_gguf.dequantize(raw, "IQ3_S", (16 * 256,), torch.bfloat16)
         assert len(calls) == 1
-        with pytest.raises(RuntimeError, match="LLVM"):
+        with pytest.raises(numba_kernels.COMPILE_ERRORS[0], match="LLVM"):
             lib_gguf.dequantize(raw, "IQ3_S", (16 * 256,), torch.float16)
     finally:
         bk.set_backend(old)
 
 
-@pytest.mark.skipif(not dequant_numba.available(), reason="numba is not installed")
-def test_compiled_type_list_matches_the_compiled_kernels():
+def test_compiled_kernel_tables_match_the_registry():
+    """What the families say they have (``numba=`` in formats.register) is what the
+    compiled tables hold, both ways."""
     from lib_gguf import dequant
 
-    assert set(dequant_numba._kernels()) == set(dequant.COMPILED_TYPES)
+    assert set(numba_kernels.DEQUANTIZERS) == set(dequant.COMPILED_TYPES)
+    assert set(numba_kernels.DEQUANTIZERS) == {t for t, f in ALL.items() if f.kernels.numba_dequantize}
+    assert set(numba_kernels.QUANTIZERS) == {t for t, f in ALL.items() if f.kernels.numba_quantize}
+    assert all(ALL[t].can_quantize for t in numba_kernels.QUANTIZERS)
 
 
 _NO_NUMBA_SCRIPT = """

@@ -33,8 +33,9 @@ def _run(tmp_path, which_gguf):
     py = os.environ.get("FORGE_PYTHON", sys.executable)
     r = subprocess.run([py, str(ROOT / "tests" / "forge" / "run_forge_check.py"), str(tmp_path), *formats],
                        capture_output=True, text=True, env=env, timeout=900)
-    if "No module named" in r.stderr and not r.stdout.strip():
-        pytest.skip(f"Forge's backend does not import in {py}: {r.stderr.strip().splitlines()[-1]}")
+    if "No module named" in r.stderr and not r.stdout.strip():  # FORGE_DIR is set: run it, or fail saying why
+        pytest.fail(f"Forge's backend does not import in {py} (set FORGE_PYTHON to Forge's interpreter): "
+                    f"{r.stderr.strip().splitlines()[-1]}")
     lines = [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
     assert lines, r.stderr[-3000:]
     art = ROOT / "artifacts"
@@ -56,6 +57,16 @@ def test_every_format_loads_runs_and_takes_loras_in_forge(tmp_path, which_gguf):
         assert res["ok"], (fmt, res.get("error"), res.get("trace"))
         assert res["runs"] and res["bytes_restored"] and res["hooks_after_remove"] == 0, (fmt, res)
         assert res["lora_changes_output"] > 0
+        # the LoRA's change of the output, against Forge's float merge on the same network (this
+        # format's weights dequantized; the network itself matches: same_network_base_err): at run
+        # time it is that change up to float rounding (measured: err <= 0.001 for every format); merged,
+        # its full size (keep 0.95-1.05 measured) under the requantization noise (err up to 0.63 at
+        # 4 bits, measured). A dropped LoRA keeps 0 (err 1), a halved one 0.5.
+        assert res["same_network_base_err"] < 0.05, (fmt, res)
+        assert abs(res["runtime_effect_keep"] - 1) < 0.01 and res["runtime_effect_err"] < 0.01, (fmt, res)
+        assert abs(res["merged_effect_keep"] - 1) < 0.1 and res["merged_effect_err"] < 0.8, (fmt, res)
+        if res["merged_modes"].get(fmt) == "runtime":
+            assert res["merged_effect_err"] < 0.01, (fmt, res)
         # Forge's loader counts every file GGUF (F16 included) and keeps the file's weights
         assert res["storage_dtype"] == "gguf", res
         if fmt == "F16":
@@ -67,9 +78,8 @@ def test_every_format_loads_runs_and_takes_loras_in_forge(tmp_path, which_gguf):
             assert res["param_type"] == "GGUFParameter"
             # run time: a low-rank delta on the GGUF layer, no per-step re-merge by Forge
             assert res["online_hooks"] == 1 and not res["online_still_forge_online"], (fmt, res)
-            # close to the float reference: no further off than the format is without a LoRA
+            # against the float model: no further off than the format is without a LoRA
             assert res["runtime_err_vs_float"] <= res["base_err_vs_float"] * 1.05 + 0.05, (fmt, res)
-            assert res["merged_err_vs_float"] <= res["base_err_vs_float"] + 1.0, (fmt, res)
             assert res["online_modes"] == {fmt: "runtime"}, res
             # auto merges when Forge asks for it, unless a merge would lose too much of the delta
             assert res["merged_modes"][fmt] in ("merge", "runtime")

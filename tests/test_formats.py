@@ -69,3 +69,51 @@ def test_format_objects_survive_pickling_as_singletons():
     f = get_format("Q4_K")
     assert pickle.loads(pickle.dumps(f)) is f
     assert copy.deepcopy(f) is f
+
+
+def test_the_dtype_home():
+    """Plain types map to their torch dtypes and back (one table); a block format has none,
+    and a dtype without a GGUF type is an error naming it."""
+    from lib_gguf.formats import format_for_dtype
+
+    plain = [f for f in FORMATS.values() if f.torch_dtype is not None]
+    assert sorted(f.name for f in plain) == ["BF16", "F16", "F32", "F64", "I16", "I32", "I64", "I8"]
+    assert all(format_for_dtype(f.torch_dtype) is f and f.block_size == 1 and
+               f.type_size == torch.empty(0, dtype=f.torch_dtype).element_size() for f in plain)
+    assert get_format("Q4_K").torch_dtype is None
+    with pytest.raises(lib_gguf.GGUFFormatError, match="torch.bool"):
+        format_for_dtype(torch.bool)
+
+
+def test_layouts_name_every_byte_of_a_block():
+    """Every quantized format we read has a layout whose fields tile its block, and a
+    family that registers a layout of the wrong size is refused."""
+    from lib_gguf.formats import Layout, register
+
+    for f in FORMATS.values():
+        if f.is_quantized and f.can_dequantize:
+            assert f.layout is not None and f.layout.size == f.type_size, f.name
+            assert [fl.offset for fl in f.layout.fields.values()][0] == 0
+    with pytest.raises(lib_gguf.GGUFFormatError, match="Q4_0"):
+        register(GGMLType.Q4_0, layout=Layout(d="f16", qs=15))
+    assert get_format("Q4_0").layout.size == 18  # the refused registration changed nothing
+
+
+_REGISTRY_SCRIPT = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from lib_gguf.formats import get_format
+print(get_format("Q4_K").can_quantize, get_format("IQ3_S").kernels.numba_dequantize, "numba" in sys.modules)
+"""
+
+
+def test_the_registry_is_complete_from_any_entry_point():
+    """Importing lib_gguf.formats alone (as the glue does) already knows every family's
+    kernels, without importing numba."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    r = subprocess.run([sys.executable, "-c", _REGISTRY_SCRIPT, str(Path(__file__).resolve().parents[1])],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.split() == ["True", "True", "False"], r.stdout + r.stderr[-2000:]

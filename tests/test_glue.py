@@ -251,3 +251,57 @@ def test_sdxl_style_files_conv_kernels_dequantized_once_and_reshaped_rows_merge_
     w.gguf_cls.quantize_pytorch(merged, w)  # what Forge's LoRA loader calls
     assert w.gguf_cls.name == "F16" and tuple(w.shape) == (640, 640)
     assert torch.equal(lib_gguf.dequantize(w, torch.float32), merged.half().float())
+
+
+def _iq2_xxs_weight(rows=8, cols=256):
+    """An IQ2_XXS weight (random bytes; we have no quantizer for it)."""
+    fmt = lib_gguf.get_format("IQ2_XXS")
+    data = torch.randint(0, 256, (rows, cols // fmt.block_size * fmt.type_size), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(5))
+    return lib_gguf.GGUFParameter(data, fmt, (rows, cols))
+
+
+def test_a_format_we_cannot_quantize_is_merged_only_when_its_option_says_merge():
+    """The README's rule, from the one policy: IQ2_XXS in "auto" runs at run time even with
+    Forge's switch off; with "merge" it is merged into the requantize target."""
+    lora = _lora()
+    for opts, online, want, target in (
+            (LoraOptions(default_gguf_mode="auto"), False, True, None),
+            (LoraOptions(mode_by_format={"IQ2_XXS": "merge"}), True, False, "Q8_0"),
+            (LoraOptions(mode_by_format={"IQ2_XXS": "merge"}, requantize_target={"IQ2_XXS": "Q4_K"}), True, False,
+             "Q4_K")):
+        w = _iq2_xxs_weight()
+        loader, key = _loader_with(w)
+        modes = {}
+        assert extension._decide(loader, key, [lora], online, opts, modes) == [(want, [lora])]
+        assert modes == {"IQ2_XXS": {"runtime" if want else "merge"}}
+        if target is not None:
+            assert w.requantize_to == target  # what Forge's merge writes (quantize_pytorch)
+
+
+def test_auto_moves_a_lossy_merge_to_run_time_and_merge_stays_merge():
+    """In "auto" with Forge's switch off, a merge that would keep little of a tiny delta
+    runs at run time; the format's "merge" is merged whatever it keeps."""
+    loader, key = _loader_with(_q4k_weight())
+    tiny = _lora(strength=1e-3)
+    assert extension._decide(loader, key, [tiny], False, LoraOptions(default_gguf_mode="auto"), {}) == [(True, [tiny])]
+    assert extension._decide(loader, key, [tiny], False, LoraOptions(default_gguf_mode="merge"), {}) == \
+        [(False, [tiny])]
+    big = _lora(strength=1.0)
+    assert extension._decide(loader, key, [big], False, LoraOptions(default_gguf_mode="auto"), {}) == [(False, [big])]
+
+
+def test_run_time_is_for_linear_weights_only():
+    """A conv kernel of a GGUF file (float after loading) with the run-time option: the
+    policy merges it (a run-time delta is a Linear's ``x @ W.T``)."""
+    conv = torch.nn.Conv2d(4, 8, 3)
+    conv.weight = torch.nn.Parameter(torch.randn(8, 4, 3, 3).half(), requires_grad=False)
+    conv.weight.gguf_cls, conv.weight.gguf_float_format = None, "F16"
+    model = torch.nn.Module()
+    model.conv = conv
+    loader = types.SimpleNamespace(model=model, backup={"conv.weight": conv.weight})
+    lora = [1.0, ("lora", (torch.randn(8, 2), torch.randn(2, 4, 3, 3), None, None, None)), 1.0, None, None]
+    modes = {}
+    assert extension._decide(loader, "conv.weight", [lora], True, LoraOptions(mode_by_format={"F16": "runtime"}),
+                             modes) == [(False, [lora])]
+    assert modes == {"F16": {"merge"}}

@@ -1,8 +1,9 @@
 """install.py: installs only what is missing, never PyPI gguf, never twice.
 
-Forge's real ``launch`` module is Forge's; here a stand-in records the calls,
-both in-process and the way Forge runs the hook (``python install.py`` with
-``launch`` importable)."""
+A stand-in ``launch`` (a set of installed names, a recording ``run_pip``) drives the
+logic, in-process and the way Forge runs the hook (``python install.py`` with
+``launch`` importable); with a Forge checkout (FORGE_DIR) Forge's own
+``is_installed`` answers in Forge's interpreter."""
 from __future__ import annotations
 
 import importlib.util
@@ -93,22 +94,29 @@ def test_as_forge_runs_it(tmp_path):
     assert len(pips) == 1 and pips[0][1] == "install safetensors" and "forge-gguf-lora" in pips[0][2]
 
 
-def test_with_forges_real_is_installed_semantics():
-    """Forge's ``is_installed`` looks up distributions (then import specs); the names
-    we ask for must be found that way in an environment that has them."""
-    import importlib.metadata
+FORGE_DIR = os.environ.get("FORGE_DIR")
 
-    inst = load_install()
-
-    def is_installed(name):  # the lookup Forge's launch_utils.is_installed does
-        try:
-            importlib.metadata.distribution(name)
-            return True
-        except importlib.metadata.PackageNotFoundError:
-            return importlib.util.find_spec(name) is not None
-
-    calls = []
-    launch = types.SimpleNamespace(is_installed=is_installed, run_pip=lambda *a, **k: calls.append(a))
-    pytest.importorskip("safetensors")
-    pytest.importorskip("tqdm")
-    assert inst.main(launch) == [] and calls == []
+@pytest.mark.skipif(not FORGE_DIR, reason="set FORGE_DIR (and FORGE_PYTHON) to a Forge checkout")
+def test_with_forges_own_is_installed():
+    """Forge's ``launch_utils.is_installed``, in Forge's interpreter: what Forge has
+    installed is found (nothing to install), and a requirement it lacks is installed once."""
+    code = (
+        "import importlib.util, json, os, sys, types\n"
+        "sys.path.insert(0, os.environ['FORGE_DIR'])\n"
+        "from modules.launch_utils import is_installed\n"
+        "spec = importlib.util.spec_from_file_location('install_under_test', sys.argv[1])\n"
+        "inst = importlib.util.module_from_spec(spec); spec.loader.exec_module(inst)\n"
+        "calls = []\n"
+        "launch = types.SimpleNamespace(is_installed=is_installed, run_pip=lambda a, d=None: calls.append(a))\n"
+        "first = inst.main(launch)\n"
+        "inst.REQUIREMENTS = inst.REQUIREMENTS + (('forge_gguf_lora_absent_pkg', 'forge_gguf_lora_absent_pkg'),)\n"
+        "second = inst.main(launch)\n"
+        "print(json.dumps([is_installed.__module__, first, second, calls]))\n")
+    py = os.environ.get("FORGE_PYTHON", sys.executable)
+    out = subprocess.run([py, "-c", code, str(ROOT / "install.py")], capture_output=True, text=True, timeout=120,
+                         cwd=FORGE_DIR, env=dict(os.environ, FORGE_DIR=FORGE_DIR, PYTHONPATH=""))
+    assert out.returncode == 0, out.stderr
+    module, first, second, calls = json.loads(out.stdout.strip().splitlines()[-1])
+    assert module == "modules.launch_utils"
+    assert first == [] and second == ["forge_gguf_lora_absent_pkg"]
+    assert calls == ["install forge_gguf_lora_absent_pkg"]

@@ -147,3 +147,20 @@ def test_duplicate_names(tmp_path):
 def test_missing_file():
     with pytest.raises(GGUFFormatError, match="not found"):
         lib_gguf.load_state_dict("/nonexistent/model.gguf")
+
+
+def test_integer_arrays_widen_to_one_type(tmp_path):
+    """A metadata list of ints is stored in the narrowest type that holds them all (INT32,
+    UINT64, INT64) and reads back as written, in our reader and in gguf-py's; ints that fit
+    no 64-bit type are an error naming the key."""
+    meta = {"t.small": [1, -2, 3], "t.big": [1, 2 ** 40], "t.unsigned": [1, 2 ** 63], "t.signed": [-1, 2 ** 40]}
+    p = tmp_path / "m.gguf"
+    lib_gguf.save(p, {"w": torch.zeros(4)}, meta)
+    got = lib_gguf.read_metadata(p)
+    assert all(list(got[k]) == v for k, v in meta.items()), got
+    r = gguf.GGUFReader(str(p))
+    types = {k: r.fields[k].types[-1] for k in meta}
+    assert types == {"t.small": gguf.GGUFValueType.INT32, "t.big": gguf.GGUFValueType.UINT64,
+                     "t.unsigned": gguf.GGUFValueType.UINT64, "t.signed": gguf.GGUFValueType.INT64}
+    with pytest.raises(GGUFFormatError, match="t.huge"):
+        lib_gguf.save(tmp_path / "n.gguf", {"w": torch.zeros(4)}, {"t.huge": [-1, 2 ** 63]})

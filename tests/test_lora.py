@@ -75,22 +75,23 @@ def _diffusers(tmp_path, prefix="transformer."):
     return p, expected
 
 
+def _one_pair(tmp_path, kind, down_key, up_key, target, out_f, seed):
+    """A file with one LoRA pair under the key names of ``kind``, and its expected delta."""
+    up, down = _lr(out_f, H, seed)
+    p = tmp_path / f"{kind}.safetensors"
+    save_file({down_key: down, up_key: up}, str(p))
+    return p, {target: up @ down}
+
+
 def _bfl(tmp_path):
-    up, down = _lr(H, H, 30)
-    sd = {"diffusion_model.double_blocks.0.txt_attn.proj.lora_A.weight": down,
-          "diffusion_model.double_blocks.0.txt_attn.proj.lora_B.weight": up}
-    p = tmp_path / "bfl.safetensors"
-    save_file(sd, str(p))
-    return p, {"double_blocks.0.txt_attn.proj.weight": up @ down}
+    return _one_pair(tmp_path, "bfl", "diffusion_model.double_blocks.0.txt_attn.proj.lora_A.weight",
+                     "diffusion_model.double_blocks.0.txt_attn.proj.lora_B.weight",
+                     "double_blocks.0.txt_attn.proj.weight", H, 30)
 
 
 def _xlabs(tmp_path):
-    up, down = _lr(3 * H, H, 40)
-    sd = {"double_blocks.0.processor.qkv_lora2.down.weight": down,
-          "double_blocks.0.processor.qkv_lora2.up.weight": up}
-    p = tmp_path / "xlabs.safetensors"
-    save_file(sd, str(p))
-    return p, {"double_blocks.0.txt_attn.qkv.weight": up @ down}
+    return _one_pair(tmp_path, "xlabs", "double_blocks.0.processor.qkv_lora2.down.weight",
+                     "double_blocks.0.processor.qkv_lora2.up.weight", "double_blocks.0.txt_attn.qkv.weight", 3 * H, 40)
 
 
 def _lycoris(tmp_path):
@@ -199,15 +200,24 @@ def test_auto_policy_and_options(tmp_path):
     h = apply_loras(m, [(path, 1.0)], mode="auto")  # default: GGUF formats at run time
     assert set(h.modes().values()) == {"runtime"}
     h.remove()
-    opts = LoraOptions(mode_by_format={"Q4_0": "merge"}, keep_threshold=0.0)
-    h = apply_loras(m, [(path, 1.0)], mode="auto", options=opts)
+    opts = LoraOptions(mode_by_format={"Q4_0": "auto"}, keep_threshold=0.0)
+    h = apply_loras(m, [(path, 1.0)], mode="auto", options=opts)  # auto without a host's switch: merge
     assert set(h.modes().values()) == {"merge"}
     h.remove()
     # a tiny delta is rounded away by a Q4_0 merge: auto moves the layer to run time and says so
     tiny = {k: v * (0.01 if "up" in k else 1.0) for k, v in load_lora_sd(path).items()}
-    h = apply_loras(m, [(tiny, 1.0)], mode="auto", options=LoraOptions(mode_by_format={"Q4_0": "merge"}))
+    h = apply_loras(m, [(tiny, 1.0)], mode="auto", options=LoraOptions(mode_by_format={"Q4_0": "auto"}))
     moved = [r for r in h.report if r.mode == "runtime"]
     assert moved and all("would keep" in r.why for r in moved) and "moved to run time" in h.summary()
+    assert all(r.kept is not None and r.kept < 0.9 for r in moved)
+    h.remove()
+    # the format's own "merge" is a merge, however little it keeps (the README's "merge")
+    h = apply_loras(m, [(tiny, 1.0)], mode="auto", options=LoraOptions(mode_by_format={"Q4_0": "merge"}))
+    assert set(h.modes().values()) == {"merge"} and all(r.kept is None for r in h.report)
+    h.remove()
+    # an explicit mode is every format's choice
+    h = apply_loras(m, [(tiny, 1.0)], mode="merge", options=LoraOptions(mode_by_format={"Q4_0": "runtime"}))
+    assert set(h.modes().values()) == {"merge"}
     h.remove()
     assert LoraOptions.from_dict(opts.to_dict()) == opts
     with pytest.raises(ValueError):

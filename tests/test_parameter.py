@@ -74,8 +74,11 @@ def test_plain_tensors_pass_through():
 def test_forge_style_gguf_cls_calls(param):
     p, _ = param
     fmt = p.gguf_cls
+    before, ptr, shape = p.data.clone(), p.data.data_ptr(), p.shape
     fmt.bake(p)
-    assert p.baked and _same(p, p)  # baking keeps the GGUF bytes as they are
+    # baking keeps the GGUF bytes as they are (no private repacking): same storage, bytes, format, shape
+    assert p.baked and p.data.data_ptr() == ptr and torch.equal(p.data, before)
+    assert p.gguf_cls is fmt and p.shape == shape
     w = fmt.dequantize_pytorch(p)
     assert w.shape == (8, 64) and w.dtype == torch.float16
     before = p.data.clone()

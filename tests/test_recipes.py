@@ -4,9 +4,8 @@ import json
 import pytest
 import torch
 
-import lib_gguf
 
-from lib_gguf import GGUFFormatError
+from lib_gguf import GGUFFormatError, get_format
 from lib_gguf.recipes import PRESETS, Recipe, count_layers, detect_architecture, parse_rules, plan_model
 from lib_gguf.sample import FluxConfig, flux_shapes
 
@@ -56,8 +55,6 @@ def test_m_mix_raises_ffn_down_in_some_layers_l_mix_in_all():
     assert m["double_blocks.1.img_mlp.0.weight"].format.name == "Q4_K"  # FFN-up is not raised
     s = _plan("Q4_K_S", shapes)
     assert all(s[f"double_blocks.{i}.img_mlp.2.weight"].format.name == "Q4_K" for i in range(19))
-    if not lib_gguf.get_format("Q3_K").can_quantize:
-        return
     l = _plan("Q3_K_L", shapes)
     assert all(l[f"double_blocks.{i}.img_mlp.2.weight"].format.name == "Q4_K" for i in range(19))
     assert all(l[f"single_blocks.{i}.linear2.weight"].format.name == "Q4_K" for i in range(38))
@@ -114,11 +111,13 @@ def test_count_layers_per_block_list():
     assert count_layers(flux_shapes(FULL_FLUX)) == {"double_blocks": 19, "single_blocks": 38}
 
 
-def test_every_format_quantized_without_an_imatrix_has_a_preset():
-    """What the converter offers covers what lib_gguf can quantize."""
+def test_presets_cover_what_lib_gguf_quantizes():
+    """Every preset's base format quantizes, every quantized format we quantize has a preset,
+    and the whole-format presets after the named ones run from most to fewest bits."""
     from lib_gguf.formats import FORMATS
 
-    bases = {base for base, _ in PRESETS.values()}
-    missing = [f.name for f in FORMATS.values()
-               if f.is_quantized and f.can_quantize and f.name not in bases]
-    assert not missing
+    bases = [get_format(base) for base, _ in PRESETS.values()]
+    assert all(f.can_quantize for f in bases)
+    assert {f for f in FORMATS.values() if f.is_quantized and f.can_quantize} <= set(bases)
+    tail = [get_format(base) for base, _ in list(PRESETS.values())[list(PRESETS).index("Q2_K") + 1:]]
+    assert tail and [f.bits_per_weight for f in tail] == sorted((f.bits_per_weight for f in tail), reverse=True)

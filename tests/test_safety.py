@@ -25,6 +25,9 @@ from lib_gguf.sample import tiny_flux_state_dict
 from lib_lora import LoraError, apply_loras
 from lib_lora.bake import bake_loras
 
+sys.path.insert(0, str(Path(__file__).parent))
+from test_bake import model  # noqa: E402,F401  (the same Q5_0 model file fixture)
+
 ROOT = Path(__file__).resolve().parents[1]
 H, R = 256, 8
 QKV = "double_blocks.0.img_attn.qkv.weight"
@@ -32,10 +35,14 @@ LORA_UP = "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"
 LORA_DOWN = "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"
 
 
-def _cli(*args, timeout=300, **kw):
+def _cli(*args, timeout=300, package="lib_gguf", **kw):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "lib_gguf", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", package, *map(str, args)], capture_output=True, text=True,
                           env=env, timeout=timeout, **kw)
+
+
+def _bake_cli(*args, **kw):
+    return _cli("bake", *args, package="lib_lora", **kw)
 
 
 # -- GGUFParameter: no computing on raw bytes ----------------------------------------
@@ -123,15 +130,6 @@ def test_what_would_corrupt_the_bytes_raises_and_says_what_to_call(w, op):
 
 # -- fixtures for files -----------------------------------------------------------------
 
-@pytest.fixture()
-def model(tmp_path):
-    sd = tiny_flux_state_dict()
-    q = {k: (GGUFParameter(lib_gguf.quantize(v, "Q5_0"), "Q5_0", v.shape) if v.ndim == 2 else v) for k, v in sd.items()}
-    p = tmp_path / "m.gguf"
-    lib_gguf.save(p, q, {"general.architecture": "flux"})
-    return p
-
-
 def _lora(path, up=None, down=None, **extra):
     g = torch.Generator().manual_seed(0)
     up = torch.randn(3 * H, R, generator=g) * 0.1 if up is None else up
@@ -152,7 +150,7 @@ def test_bake_refuses_an_output_that_is_an_input(tmp_path, model):
     (tmp_path / "sub").mkdir()
     (tmp_path / "link.safetensors").symlink_to(lora)
     for out in (lora, tmp_path / "sub" / ".." / "style.safetensors", tmp_path / "link.safetensors", model):
-        r = _cli("bake-lora", model, f"{lora}:0.5", "-o", out)
+        r = _bake_cli(model, f"{lora}:0.5", "-o", out)
         assert r.returncode == 2 and "one of the inputs" in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert str(out) in r.stderr
     assert (lora.read_bytes(), model.read_bytes()) == before
@@ -274,7 +272,7 @@ def test_a_lora_holding_nan_is_refused_naming_file_and_key(tmp_path, model):
     with pytest.raises(LoraError) as e:
         bake_loras(model, [(lora, 1.0)], out)
     assert "nan.safetensors" in str(e.value) and LORA_UP in str(e.value) and "NaN" in str(e.value)
-    r = _cli("bake-lora", model, lora, "-o", out)
+    r = _bake_cli(model, lora, "-o", out)
     assert r.returncode == 2 and LORA_UP in r.stderr and "Traceback" not in r.stderr
     mod = _module(model)
     with pytest.raises(LoraError, match="nan.safetensors"):
@@ -295,7 +293,7 @@ def _module(path=None):
 def test_non_finite_strengths_are_refused(tmp_path, model, strength):
     lora = _lora(tmp_path / "style.safetensors")
     out = tmp_path / "o.gguf"
-    r = _cli("bake-lora", model, f"{lora}:{strength}", "-o", out)
+    r = _bake_cli(model, f"{lora}:{strength}", "-o", out)
     assert r.returncode == 2 and "finite" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not out.exists()
     mod = _module(model)
@@ -362,7 +360,7 @@ def test_an_empty_lora_says_so(tmp_path, model):
     save_file({}, str(empty))
     with pytest.raises(LoraError, match=r"empty\.safetensors.*holds no tensors"):
         bake_loras(model, [(empty, 1.0)], tmp_path / "o.gguf")
-    r = _cli("bake-lora", model, empty, "-o", tmp_path / "o.gguf")
+    r = _bake_cli(model, empty, "-o", tmp_path / "o.gguf")
     assert r.returncode == 2 and "holds no tensors" in r.stderr
 
 

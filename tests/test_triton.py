@@ -1,4 +1,4 @@
-"""The Triton kernels (lib_gguf.dequant_triton, dequant_iq_triton, linear_triton).
+"""The Triton kernels (lib_gguf.dequant_triton, the families' *_triton value functions, linear_triton).
 
 Without a GPU they run on CPU tensors under Triton's interpreter: this module sets
 ``TRITON_INTERPRET=1`` before anything imports the kernels (the interpreter is chosen
@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 DEVICE = os.environ.get("LIB_GGUF_TRITON_DEVICE", "cpu")
 if DEVICE == "cpu":
-    if "lib_gguf.dequant_triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("lib_gguf.dequant_triton was imported before tests/test_triton.py could set "
+    if "lib_gguf.triton_support" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("lib_gguf's Triton kernels were imported before tests/test_triton.py could set "
                            "TRITON_INTERPRET=1; run this module on its own")
     os.environ["TRITON_INTERPRET"] = "1"
 
@@ -48,10 +48,8 @@ def triton_backend():
 
 def _scale_fields(name):
     """Byte offsets of the float16 scales of a block (set to tame values in half the blocks)."""
-    return {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q8_1": [0], "Q2_K": [80, 82],
-            "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "IQ4_NL": [0], "IQ4_XS": [0],
-            "IQ2_XXS": [0], "IQ2_XS": [0], "IQ2_S": [0], "IQ3_XXS": [0], "IQ3_S": [0], "IQ1_S": [0],
-            "TQ1_0": [52], "TQ2_0": [64], "Q1_0": [0]}.get(name, [])
+    layout = get_format(name).layout
+    return [f.offset for f in layout.float_fields() if f.kind == "f16"] if layout is not None else []
 
 
 def _blocks(name, n=13, seed=0):
@@ -64,8 +62,8 @@ def _blocks(name, n=13, seed=0):
     for off in _scale_fields(name):
         d = (torch.rand(n, generator=g) * 0.1 + 0.001).to(torch.float16).view(torch.uint8).view(n, 2)
         b[::2, off:off + 2] = d[::2]
-    if name == "Q8_K":
-        b[::2, :4] = torch.full((n,), 0.01).view(torch.uint8).view(n, 4)[::2]
+    if name == "Q8_K":  # a float32 scale
+        b[::2, fmt.layout.d.slice] = torch.full((n,), 0.01).view(torch.uint8).view(n, 4)[::2]
     if fmt.can_quantize and not fmt.needs_imatrix:
         q = lib_gguf.quantize(torch.randn(3, fmt.block_size, generator=g), name).reshape(3, fmt.type_size)
         b = torch.cat([b, q])
@@ -91,6 +89,14 @@ def test_dequant_equals_torch_kernels(name):
         assert out.dtype == dtype and out.shape == ref32.shape
         same = _same(out, ref32.to(dtype))
         assert bool(same.all()), f"{name} {dtype}: {int((~same).sum())} of {same.numel()} values differ"
+
+
+def test_triton_table_matches_the_registry():
+    """The families that say they have a Triton dequantizer (``triton=True``) are the ones
+    dequant_triton's table holds, and every quantized format we dequantize has one."""
+    have = {t for t in FORMATS if dequant_triton.has_kernel(t)}
+    assert have == {t for t, f in FORMATS.items() if f.kernels.triton}
+    assert have == {t for t, f in FORMATS.items() if f.is_quantized and f.can_dequantize}
 
 
 def test_bfloat16_rounds_to_nearest_even():

@@ -75,6 +75,22 @@ def float_reference():
 
 REF_BASE, REF_LORA = float_reference()
 
+
+def same_network_reference(fmt):
+    """The model of ``fmt`` with every weight stored as its dequantized float values (the same
+    network), the LoRA merged by Forge in float: what this format's run with the LoRA should give."""
+    from lib_gguf.parameter import dequantize_tensor, is_gguf
+
+    q = in_format(sd, fmt)
+    p = os.path.join(out_dir, f"flux-{fmt}-dequantized.gguf")
+    lib_gguf.save(p, {k: dequantize_tensor(v, torch.float32) if is_gguf(v) else v for k, v in q.items()})
+    model = build(p)
+    base = run(model)
+    patcher = cpu_patcher(model)
+    patcher.add_patches(filename="t.safetensors", patches={KEY: ("lora", (UP, DOWN, None, None, None))})
+    patcher.refresh_loras()
+    return base, run(model)
+
 def use_options(**kw):
     extension.set_options_provider(lambda: LoraOptions(**kw))
 
@@ -119,6 +135,16 @@ for fmt in formats:
         res["runtime_err_vs_float"] = float((delta_out[True] - REF_LORA).abs().max()) / scale
         res["base_err_vs_float"] = float((base - REF_BASE).abs().max()) / scale
         res["merged_err_vs_float"] = float((delta_out[False] - REF_LORA).abs().max()) / scale
+        # the LoRA's change of the output against the change Forge's float merge makes on the same
+        # network (this format's weights, dequantized): "keep" is the share of that change a path
+        # reproduces, "err" the rest (L2, relative); a dropped LoRA keeps 0 with err 1
+        ref_base, ref_lora = same_network_reference(fmt)
+        res["same_network_base_err"] = float((base - ref_base).norm() / (ref_lora - ref_base).norm())
+        ref = (ref_lora - ref_base).double().flatten()
+        for online in (False, True):
+            got = (delta_out[online] - base).double().flatten()
+            res[f"{'runtime' if online else 'merged'}_effect_keep"] = float(got @ ref / (ref @ ref))
+            res[f"{'runtime' if online else 'merged'}_effect_err"] = float((got - ref).norm() / ref.norm())
         res["merged_vs_runtime"] = float((delta_out[True] - delta_out[False]).abs().max() /
                                          (delta_out[True] - base).abs().max())
 

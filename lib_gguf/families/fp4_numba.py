@@ -1,0 +1,107 @@
+"""Compiled (numba) dequantizers of MXFP4 and NVFP4 and quantizer of MXFP4, on the
+layouts of :mod:`lib_gguf.families.fp4`: the same values and bytes as its torch
+kernels (the reference)."""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+
+from ..formats import GGMLType
+from ..numba_support import F0, absmax, dequantizer, emit, f32, jit, pjit, prange, quantizer
+from .fp4 import E2M1_DOUBLED, MXFP4, NVFP4
+
+E2M1 = np.array(E2M1_DOUBLED, dtype=np.float32)
+MX_E, MX_QS = MXFP4.e.offset, MXFP4.qs.offset
+NV_D, NV_QS = NVFP4.d.offset, NVFP4.qs.offset
+_CHUNK = 128 * 8  # 32-weight blocks a parallel work item (NVFP4's 64-weight blocks: half as many)
+
+
+@lru_cache(maxsize=None)
+def _e8m0_half_table():
+    """UE8M0 scale byte -> 2**(e - 128), half its value (the E2M1 values are doubled), exact."""
+    return np.array([np.ldexp(1.0, e - 128) for e in range(256)], dtype=np.float32)
+
+
+@lru_cache(maxsize=None)
+def _ue4m3_half_table():
+    """Unsigned E4M3 scale byte -> half its value (0 for 0x00 and the NaN code 0x7F), exact."""
+    t = np.zeros(256, dtype=np.float32)
+    for x in range(256):
+        e, m = (x >> 3) & 0xF, x & 7
+        if x in (0, 0x7F):
+            continue
+        t[x] = (m * 2.0 ** -9 if e == 0 else (1.0 + m / 8.0) * 2.0 ** (e - 7)) * 0.5
+    return t
+
+
+@jit
+def _dq_mxfp4(r, tmp, scale, ksign):
+    d = scale[r[MX_E]]
+    for j in range(16):
+        q = np.int64(r[MX_QS + j])
+        tmp[j] = f32(d * E2M1[q & 0xF])
+        tmp[16 + j] = f32(d * E2M1[q >> 4])
+
+
+@jit
+def _dq_nvfp4(r, tmp, scale, ksign):
+    for s in range(4):
+        d = scale[r[NV_D + s]]
+        for j in range(8):
+            q = np.int64(r[NV_QS + 8 * s + j])
+            tmp[16 * s + j] = f32(d * E2M1[q & 0xF])
+            tmp[16 * s + 8 + j] = f32(d * E2M1[q >> 4])
+
+
+@pjit
+def _q_mxfp4(x, out):
+    nb = x.shape[0]
+    for i in prange(nb):
+        xb = x[i]
+        amax = absmax(xb)
+        e = 0
+        if amax > F0:
+            _, ex = math.frexp(float(amax))      # floor(log2(amax)) = ex - 1
+            e = max(0, min(255, ex - 1 - 2 + 127))
+        out[i, MX_E] = e
+        d = f32(math.ldexp(1.0, e - 128))         # 2**(e-128): half the E8M0 value
+        for j in range(16):
+            a = 0
+            b = 0
+            ea = abs(f32(f32(E2M1[0]) * d) - xb[j])
+            eb = abs(f32(f32(E2M1[0]) * d) - xb[16 + j])
+            for k in range(1, 16):
+                lv = f32(f32(E2M1[k]) * d)
+                err = abs(f32(lv - xb[j]))
+                if err < ea:
+                    a = k
+                    ea = err
+                err = abs(f32(lv - xb[16 + j]))
+                if err < eb:
+                    b = k
+                    eb = err
+            out[i, MX_QS + j] = a | (b << 4)
+
+
+@pjit
+def _drive(b, out, chunk, kind, table, ksign):
+    """The dequantizers' parallel loop: block function ``kind`` (1: MXFP4, 2: NVFP4)."""
+    for c in prange((b.shape[0] + chunk - 1) // chunk):
+        tmp = np.empty(out.shape[1], np.float32)
+        for i in range(c * chunk, min(b.shape[0], c * chunk + chunk)):
+            if kind == 1:
+                _dq_mxfp4(b[i], tmp, table, ksign)
+            else:
+                _dq_nvfp4(b[i], tmp, table, ksign)
+            emit(out, i, tmp)
+
+
+DEQUANTIZERS = {
+    GGMLType.MXFP4: dequantizer(_drive, 1, _CHUNK, _e8m0_half_table),
+    GGMLType.NVFP4: dequantizer(_drive, 2, _CHUNK // 2, _ue4m3_half_table),
+}
+QUANTIZERS = {
+    GGMLType.MXFP4: quantizer(_q_mxfp4, MXFP4.size),
+}

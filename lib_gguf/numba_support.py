@@ -1,0 +1,365 @@
+"""The shared machinery of the compiled (numba) CPU kernels: the jit decorators,
+float32 constants and ggml's scalar helpers (``nearest_int``, ``roundf``, fp16
+bits), the dequantizers' parallel driver, and how a kernel is launched.
+
+numba is optional: without it (or with an llvmlite that does not load) the
+decorators leave the Python functions as they are, :func:`available` is False,
+and lib_gguf runs the torch kernels. The family modules ``families/*_numba.py``
+hold the kernels, on the same layouts as their torch kernels; each gives the same
+bytes (quantizing) and values (dequantizing) as the torch kernel, which is the
+reference.
+
+Float care, since numba types follow numpy's rules: every constant is a float32
+global, ints are cast with ``f32`` before they meet a float, and division by zero
+follows IEEE (``error_model="numpy"``), as in C. No fused multiply-add is formed
+(numba leaves LLVM's fp-contract off without fastmath).
+
+Threads: a kernel runs on as many threads as torch uses (``torch.set_num_threads``;
+numba's thread count is set per calling thread). numba's ``tbb`` and ``omp``
+threading layers take parallel launches from several threads at once; its
+``workqueue`` layer (the one every install has) aborts the process on a second
+concurrent launch, so under that layer, and only there, launches take turns.
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+try:  # pragma: no cover - depends on the environment
+    import numba
+    from numba import njit, prange
+except Exception:  # ImportError, or an llvmlite that does not load
+    numba = None
+    prange = range
+
+OPTS = dict(cache=True, error_model="numpy", nogil=True)
+
+# Errors that mean "this kernel does not compile here": the only ones after which
+# lib_gguf falls back to the torch kernel for the rest of the process. A data error
+# raised by a kernel (IQ1_M's FloatingPointError on non-finite weights) is the
+# caller's, as from the torch kernel.
+COMPILE_ERRORS: tuple = ()
+if numba is not None:
+    from numba.core.errors import NumbaError
+
+    COMPILE_ERRORS = (NumbaError,)
+
+
+def available() -> bool:
+    return numba is not None
+
+
+# numba's disk cache checks only the file a kernel is defined in, but a family's kernels
+# inline the helpers here and freeze their layout's offsets (from the family's torch
+# module): a change to those files alone would leave stale compiled code. So lib_gguf's
+# kernels are cached under a stamp of every file they depend on.
+_STAMP_FILES = [Path(__file__), Path(__file__).with_name("formats.py"),
+                *sorted((Path(__file__).parent / "families").glob("*.py"))]
+_TREE_STAMP = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in _STAMP_FILES)
+_OURS = str(Path(__file__).parent) + os.sep
+
+
+def _stamped(base):
+    class Stamped(base):
+        @classmethod
+        def from_function(cls, py_func, py_file):
+            if not str(py_file).startswith(_OURS):
+                return None
+            return super().from_function(py_func, py_file)
+
+        def get_source_stamp(self):
+            return (super().get_source_stamp(), _TREE_STAMP)
+
+    Stamped.__name__ = f"LibGGUF{base.__name__}"
+    return Stamped
+
+
+if numba is not None:
+    from numba.core import caching as _caching
+
+    _impl = getattr(_caching, "CacheImpl", None) or getattr(_caching, "_CacheImpl", None)
+    if _impl is not None and not any(k.__name__.startswith("LibGGUF") for k in _impl._locator_classes):
+        _impl._locator_classes[:0] = [_stamped(b) for b in _impl._locator_classes]
+
+
+if numba is not None:
+    def jit(fn):
+        return njit(**OPTS)(fn)
+
+    def pjit(fn):
+        return njit(parallel=True, **OPTS)(fn)
+
+    def jit_inline(fn):
+        """For a small helper on a hot path: numba inlines it into each caller."""
+        return njit(inline="always", **OPTS)(fn)
+else:  # pragma: no cover
+    def jit(fn):
+        return fn
+
+    pjit = jit_inline = jit
+
+
+f32 = np.float32
+F0 = f32(0.0)
+F1 = f32(1.0)
+F_HALF = f32(0.5)
+F_QUARTER = f32(0.25)
+F_TENTH = f32(0.1)
+F_EPS = f32(1e-15)          # ggml's GROUP_MAX_EPS
+F_FLT_MAX = f32(np.finfo(np.float32).max)
+F_MAGIC_LIMIT = f32(4194303.0)
+F_MAGIC = f32(12582912.0)   # 1.5 * 2**23: ggml's nearest_int adds it
+
+
+# -- scalar helpers ----------------------------------------------------------------------
+
+@jit
+def nearest_int(v):
+    """ggml's nearest_int: add 1.5 * 2**23 in float32 and read the low mantissa bits.
+    Below 2**22 in magnitude that is round-half-to-even; beyond it (never in
+    practice) the same bits are reproduced arithmetically."""
+    if abs(v) < F_MAGIC_LIMIT:
+        return int(np.rint(v))
+    val = f32(v + F_MAGIC)
+    a = abs(float(val))
+    if val != val:
+        return 0                      # a NaN's mantissa field is 0x400000
+    if a == math.inf or a == 0.0:
+        return -0x400000
+    m, e = math.frexp(a)              # a = m * 2**e; field = m * 2**24 - 2**23 for normals
+    return int(m * 16777216.0) - 0x800000 - 0x400000
+
+
+@jit
+def roundf(v):
+    """C's roundf: half away from zero."""
+    t = np.trunc(v)
+    if abs(v - t) == F_HALF:
+        return t + (F1 if v > 0 else -F1)
+    return np.rint(v)
+
+
+@jit
+def absmax(x):
+    amax = F0
+    for j in range(x.shape[0]):
+        v = abs(x[j])
+        if v > amax:
+            amax = v
+    return amax
+
+
+@jit
+def signed_absmax(x):
+    """(the first value of largest magnitude, that magnitude); (0, 0) for all zeros."""
+    mx = F0
+    amax = F0
+    for j in range(x.shape[0]):
+        v = abs(x[j])
+        if v > amax:
+            amax = v
+            mx = x[j]
+    return mx, amax
+
+
+@jit
+def absmax_scale(x, out, i, d_off):
+    """Ternary and similar: ``d`` = the block's absmax, stored as half at ``d_off``;
+    returns ``1 / d`` (0 for an all-zero block)."""
+    d = absmax(x)
+    put_f16(out, i, d_off, d)
+    return f32(F1 / d) if d != F0 else F0
+
+
+@jit
+def f16_bits(v):
+    """float32 -> IEEE half bits, round to nearest even (as F16C does)."""
+    a = abs(float(v))
+    s = 0x8000 if (v < 0 or (v == 0 and math.copysign(1.0, v) < 0)) else 0
+    if a != a:
+        return s | 0x7E00
+    if a >= 65520.0:
+        return s | 0x7C00
+    if a < 6.103515625e-05:           # 2**-14: a subnormal half (or 2**-14 itself)
+        return s | int(np.rint(a * 16777216.0))
+    m, e = math.frexp(a)
+    q = int(np.rint(m * 2048.0))       # 11 significant bits
+    if q == 2048:
+        q = 1024
+        e += 1
+    return s | ((e + 14) << 10) | (q - 1024)
+
+
+@jit
+def f16_value(h):
+    """IEEE half bits -> float32."""
+    e = (h >> 10) & 0x1F
+    m = h & 0x3FF
+    if e == 0:
+        v = math.ldexp(float(m), -24)
+    elif e == 31:
+        v = math.inf if m == 0 else math.nan
+    else:
+        v = math.ldexp(float(m + 1024), e - 25)
+    return f32(-v if h & 0x8000 else v)
+
+
+@jit
+def put_f16(out, i, o, v):
+    """Store ``v`` as half at ``out[i, o:o+2]``; returns the stored value as float32."""
+    h = f16_bits(v)
+    out[i, o] = h & 0xFF
+    out[i, o + 1] = h >> 8
+    return f16_value(h)
+
+
+@jit
+def half(lo, hi):
+    """fp16 bits (two bytes, little-endian) -> float32 (the dequantizers' hot path: the
+    same value as :func:`f16_value`, in float64 arithmetic, exact)."""
+    h = np.int64(lo) | (np.int64(hi) << 8)
+    e = (h >> 10) & 0x1F
+    m = h & 0x3FF
+    if e == 0:
+        v = np.float64(m) * 5.9604644775390625e-08           # 2**-24
+    elif e == 31:
+        v = np.inf if m == 0 else np.nan
+    else:
+        v = np.float64(m + 1024) * (2.0 ** (e - 25))
+    return f32(-v if h & 0x8000 else v)
+
+
+@jit
+def u16(r, o):
+    return np.int64(r[o]) | (np.int64(r[o + 1]) << 8)
+
+
+@jit
+def u32(r, o):
+    return np.int64(r[o]) | (np.int64(r[o + 1]) << 8) | (np.int64(r[o + 2]) << 16) | (np.int64(r[o + 3]) << 24)
+
+
+# -- the dequantizers' output --------------------------------------------------------------
+#
+# A block function writes one block's float32 values into a scratch row; :func:`emit`
+# stores the row in one contiguous pass, which LLVM turns into vector conversions
+# (eight float16 conversions an instruction). Each family's numba module has the
+# parallel loop that calls its block functions (in the same file, so that numba's
+# disk cache, which is checked per file, is renewed with them).
+
+if numba is not None:
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic, overload
+
+    @intrinsic
+    def _f16_trunc(typingctx, v):
+        """float32 -> IEEE half bits: one ``fptrunc`` (vcvtps2ph with F16C)."""
+        if v != types.float32:
+            return None
+
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+        return types.uint16(types.float32), codegen
+
+    def emit(out, i, tmp):  # pragma: no cover - replaced by the overload below
+        raise NotImplementedError
+
+    @overload(emit, jit_options=dict(OPTS))
+    def _emit_impl(out, i, tmp):
+        """Row ``i`` of ``out`` (float32, or float16 bits as uint16) from the float32 scratch ``tmp``."""
+        if out.dtype == types.uint16:
+            def impl(out, i, tmp):
+                o = out[i]
+                for j in range(tmp.shape[0]):
+                    o[j] = _f16_trunc(tmp[j])
+        else:
+            def impl(out, i, tmp):
+                o = out[i]
+                for j in range(tmp.shape[0]):
+                    o[j] = tmp[j]
+        return impl
+else:  # pragma: no cover - never called: without numba no compiled kernel runs
+    def emit(out, i, tmp):
+        out[i] = tmp.astype(np.float16).view(np.uint16) if out.dtype == np.uint16 else tmp
+
+
+# -- launching ----------------------------------------------------------------------------
+
+_WORKQUEUE_LOCK = threading.Lock()
+_layer: list = [None]  # the threading layer, known after the first parallel launch
+
+
+def _set_threads():
+    """As many numba threads as torch uses, for launches from this thread."""
+    import torch
+
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != threads:
+        numba.set_num_threads(threads)
+
+
+def launch(kernel, *args) -> None:
+    """Run the parallel ``kernel(*args)``; launches take turns only under numba's
+    workqueue layer (and for the first one, until the layer is known)."""
+    _set_threads()
+    if _layer[0] not in (None, "workqueue"):
+        kernel(*args)
+        return
+    with _WORKQUEUE_LOCK:
+        kernel(*args)
+        if _layer[0] is None:
+            try:
+                _layer[0] = numba.threading_layer()
+            except ValueError:  # no parallel region ran
+                pass
+
+
+@jit
+def scratch():
+    """The quantizers' per-work-item scratch (separate arrays, which LLVM knows do not
+    overlap): levels L (256) and Laux (32) int64, weights w (32), scales and mins (16
+    each) float32, packed scale bytes sc (12) int64."""
+    return (np.empty(256, dtype=np.int64), np.empty(32, dtype=np.int64), np.empty(32, dtype=np.float32),
+            np.empty(16, dtype=np.float32), np.empty(16, dtype=np.float32), np.empty(12, dtype=np.int64))
+
+
+def quantizer(kernel, type_size: int):
+    """A quantizer ``fn(values) -> blocks`` (CPU float32 torch tensor (n, block_size) ->
+    uint8 (n, type_size)) from the parallel ``kernel(x, out)`` on numpy arrays."""
+    def quantize(blocks):
+        import torch
+
+        x = blocks.detach().contiguous().numpy()
+        out = np.empty((x.shape[0], type_size), dtype=np.uint8)
+        if x.shape[0]:
+            launch(kernel, x, out)
+        return torch.from_numpy(out)
+
+    return quantize
+
+
+def dequantizer(drive, kind: int, chunk: int, table, ksign=None):
+    """A dequantizer ``fn(blocks, block_size, dtype)`` (CPU uint8 torch tensor (n, type_size)
+    -> (n, block_size) float32 or float16) from a family's parallel ``drive(b, out, chunk,
+    kind, table, ksign)``; ``table()`` and ``ksign()`` give the lookup tables (a dummy
+    where there is none)."""
+    def dequantize(blocks, block_size: int, dtype):
+        import torch
+
+        b = blocks.contiguous().numpy()
+        out = np.empty((b.shape[0], block_size), dtype=np.uint16 if dtype == torch.float16 else np.float32)
+        if b.shape[0]:
+            launch(drive, b, out, chunk, kind, table(), ksign() if ksign is not None else _DUMMY_KSIGN)
+        t = torch.from_numpy(out)
+        return t.view(torch.float16) if dtype == torch.float16 else t
+
+    return dequantize
+
+
+_DUMMY_KSIGN = np.zeros(1, dtype=np.int64)
