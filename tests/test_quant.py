@@ -48,6 +48,23 @@ def test_byte_identical_to_ggml(oracle, fmt, backend):
         assert len(bad) == 0, f"{fmt} {kind}: {len(bad)} of {len(ref)} blocks differ, first {bad[:5]}"
 
 
+@pytest.mark.parametrize("fmt", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+def test_k_quants_match_live_ggml_on_tiny_and_huge_weights(fmt, backend):
+    """Subnormal and huge weights: the inverse scales overflow, and ggml's rounding trick
+    (``nearest_int``) then gives its own values, not a rounding; a NaN magnitude never wins
+    ggml's largest-magnitude search. Both paths must write ggml's bytes there too. (ggml's
+    lattice quantizers abort on such rows, so only the K-quants are compared.)"""
+    from lib_gguf import ggml_ref
+
+    rng = np.random.default_rng(zlib.crc32(fmt.encode()) + 1)
+    x = rng.standard_normal((4, 512)).astype(np.float32)
+    x *= np.array([[1e-40], [1e-38], [1e-20], [1e20]], dtype=np.float32)
+    ref = ggml_ref.quantize(x, fmt)
+    got = lib_gguf.quantize(torch.from_numpy(x), fmt).numpy()
+    bad = np.where((got.reshape(len(ref), -1) != ref).any(axis=1))[0]
+    assert len(bad) == 0, f"{fmt}: rows {bad.tolist()} differ from ggml's bytes"
+
+
 @pytest.mark.parametrize("fmt", QUANTIZED)
 def test_round_trip_and_shapes(fmt):
     g = torch.Generator().manual_seed(0)

@@ -252,8 +252,12 @@ def roundf(v: torch.Tensor) -> torch.Tensor:
 
 
 def nearest_int(v: torch.Tensor) -> torch.Tensor:
-    """ggml's nearest_int: round half to even (its magic-number trick), as float."""
-    return torch.round(v)
+    """ggml's nearest_int, its magic-number trick itself, as float32: ``v + 1.5 * 2**23`` in
+    float32, whose low 23 bits minus 2**22 are the result. Below 2**22 in magnitude that
+    is round half to even; beyond it, and for inf and NaN (the overflowed inverse scales
+    of sub-blocks of tiny or huge weights), it is ggml's own value, not a rounding."""
+    bits = (v.to(torch.float32) + 12582912.0).view(torch.int32)
+    return ((bits & 0x7FFFFF) - 0x400000).to(torch.float32)
 
 
 def seq_sum(terms) -> torch.Tensor:
@@ -265,10 +269,17 @@ def seq_sum(terms) -> torch.Tensor:
 
 
 def max_magnitude(x: torch.Tensor, dim: int):
-    """(the value of largest magnitude along ``dim``, the first one on ties; that magnitude)."""
+    """(the value of largest magnitude along ``dim``, the first one on ties; that magnitude).
+
+    As C's ``if (fabsf(v) > amax)`` loop from ``amax = 0``: a NaN never counts (a row of
+    NaN gives (0, 0)); torch's argmax would pick it."""
     ax = x.abs()
+    ax = torch.where(torch.isnan(ax), torch.full_like(ax, -1.0), ax)
     idx = ax.argmax(dim=dim, keepdim=True)
-    return x.gather(dim, idx).squeeze(dim), ax.gather(dim, idx).squeeze(dim)
+    mag = ax.gather(dim, idx).squeeze(dim)
+    none = mag < 0
+    zero = torch.zeros_like(mag)
+    return torch.where(none, zero, x.gather(dim, idx).squeeze(dim)), torch.where(none, zero, mag)
 
 
 def signed_absmax(x: torch.Tensor) -> torch.Tensor:
