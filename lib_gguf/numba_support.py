@@ -329,16 +329,29 @@ def scratch():
             np.empty(16, dtype=np.float32), np.empty(16, dtype=np.float32), np.empty(12, dtype=np.int64))
 
 
-def quantizer(kernel, type_size: int):
+def quantizer(kernel, type_size: int, leaves_to=None):
     """A quantizer ``fn(values) -> blocks`` (CPU float32 torch tensor (n, block_size) ->
-    uint8 (n, type_size)) from the parallel ``kernel(x, out)`` on numpy arrays."""
+    uint8 (n, type_size)) from the parallel ``kernel(x, out)`` on numpy arrays.
+
+    With ``leaves_to`` (a type id) the kernel is ``kernel(x, out, redo)`` and may leave
+    blocks to the torch quantizer of that format (the reference), marked in ``redo``:
+    the rare blocks its fast path does not cover (non-finite weights)."""
     def quantize(blocks):
         import torch
 
         x = blocks.detach().contiguous().numpy()
         out = np.empty((x.shape[0], type_size), dtype=np.uint8)
-        if x.shape[0]:
+        if x.shape[0] and leaves_to is None:
             launch(kernel, x, out)
+        elif x.shape[0]:
+            redo = np.zeros(x.shape[0], dtype=np.bool_)
+            launch(kernel, x, out, redo)
+            if redo.any():
+                from .formats import get_format
+
+                left = np.flatnonzero(redo)
+                reference = get_format(leaves_to).kernels.quantize
+                out[left] = reference(blocks.detach()[torch.from_numpy(left)].to(torch.float32)).numpy()
         return torch.from_numpy(out)
 
     return quantize

@@ -48,6 +48,26 @@ def test_byte_identical_to_ggml(oracle, fmt, backend):
         assert len(bad) == 0, f"{fmt} {kind}: {len(bad)} of {len(ref)} blocks differ, first {bad[:5]}"
 
 
+@pytest.mark.parametrize("fmt", ["Q2_K", "Q4_K", "Q5_K", "Q6_K"])
+def test_compiled_k_quants_leave_non_finite_blocks_to_the_torch_kernel(fmt):
+    """The side-by-side numba fits skip a block with an infinite weight; the torch kernel
+    (the reference) writes it, so both paths give the same bytes, block for block. (On a
+    block with a NaN no path writes ggml's bytes, and the torch kernel's depend on the
+    blocks beside it; convert, bake and the LoRA merge refuse NaN first.)"""
+    x = torch.randn(6, 512, generator=torch.Generator().manual_seed(3))
+    x[1, 3], x[2, 300], x[4, 7] = float("inf"), float("-inf"), float("inf")
+    old = bk.set_backend("numba")
+    try:
+        fast = lib_gguf.quantize(x, fmt)
+    finally:
+        bk.set_backend("torch")
+    try:
+        ref = lib_gguf.quantize(x, fmt)
+    finally:
+        bk.set_backend(old)
+    assert torch.equal(fast, ref)
+
+
 @pytest.mark.parametrize("fmt", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
 def test_k_quants_match_live_ggml_on_tiny_and_huge_weights(fmt, backend):
     """Subnormal and huge weights: the inverse scales overflow, and ggml's rounding trick

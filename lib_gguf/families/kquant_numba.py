@@ -1,13 +1,17 @@
 """Compiled (numba) quantizers of the K-quants Q2_K, Q3_K, Q4_K, Q5_K and Q6_K, on the
 layouts of :mod:`lib_gguf.families.kquant`: the same bytes as its torch quantizers
-(the reference) and as ggml, each block a plain loop spread over threads."""
+(the reference) and as ggml, spread over threads.
+
+Q2_K, Q4_K, Q5_K and Q6_K fit many sub-blocks side by side (see "the fits" below) and
+leave the blocks that hold a non-finite weight to the torch kernel; Q3_K, whose fit
+changes one weight at a time, runs each block as a plain loop."""
 from __future__ import annotations
 
 import numpy as np
 
 from ..formats import GGMLType
-from ..numba_support import (F0, F1, F_EPS, F_TENTH, f32, jit, nearest_int, pjit, prange, put_f16, quantizer, scratch,
-                             signed_absmax)
+from ..numba_support import (F0, F1, F_EPS, F_MAGIC_LIMIT, F_TENTH, f32, jit, nearest_int, pjit, prange, put_f16,
+                             quantizer, scratch, signed_absmax)
 from .kquant import Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
 
 F15 = f32(15.0)
@@ -27,85 +31,10 @@ assert (Q5_K.d.offset, Q5_K.dmin.offset, Q5_K.scales.offset) == (K_D, K_DMIN, K_
 
 
 @jit
-def make_qkx2(x, w, nmax, rmin, rdelta, nstep, use_mad, L, Laux):
-    """ggml's make_qkx2_quants over the sub-block ``x`` with weights ``w``: fills ``L``,
-    returns (scale, -min)."""
-    n = x.shape[0]
-    fn = f32(nmax)
-    mn = x[0]
-    mx = x[0]
-    sum_w = w[0]
-    sum_x = f32(sum_w * x[0])
-    for i in range(1, n):
-        if x[i] < mn:
-            mn = x[i]
-        if x[i] > mx:
-            mx = x[i]
-        sum_w = f32(sum_w + w[i])
-        sum_x = f32(sum_x + f32(w[i] * x[i]))
-    if mn > F0:
-        mn = F0
-    if mx == mn:
-        for i in range(n):
-            L[i] = 0
-        return F0, f32(-mn)
-    iscale = f32(fn / f32(mx - mn))
-    scale = f32(F1 / iscale)
-    best_mad = F0
-    for i in range(n):
-        l = max(0, min(nmax, nearest_int(f32(iscale * f32(x[i] - mn)))))
-        L[i] = l
-        diff = f32(f32(f32(scale * f32(l)) + mn) - x[i])
-        diff = abs(diff) if use_mad else f32(diff * diff)
-        best_mad = f32(best_mad + f32(w[i] * diff))
-    for step in range(nstep + 1):
-        iscale = f32(f32(f32(rmin + f32(rdelta * f32(step))) + fn) / f32(mx - mn))
-        sum_l = F0
-        sum_l2 = F0
-        sum_xl = F0
-        for i in range(n):
-            l = max(0, min(nmax, nearest_int(f32(iscale * f32(x[i] - mn)))))
-            Laux[i] = l
-            wl = f32(w[i] * f32(l))
-            sum_l = f32(sum_l + wl)
-            sum_l2 = f32(sum_l2 + f32(wl * f32(l)))
-            sum_xl = f32(sum_xl + f32(wl * x[i]))
-        D = f32(f32(sum_w * sum_l2) - f32(sum_l * sum_l))
-        if D > F0:
-            this_scale = f32(f32(f32(sum_w * sum_xl) - f32(sum_x * sum_l)) / D)
-            this_min = f32(f32(f32(sum_l2 * sum_x) - f32(sum_l * sum_xl)) / D)
-            if this_min > F0:
-                this_min = F0
-                this_scale = f32(sum_xl / sum_l2)
-            mad = F0
-            for i in range(n):
-                diff = f32(f32(f32(this_scale * f32(Laux[i])) + this_min) - x[i])
-                diff = abs(diff) if use_mad else f32(diff * diff)
-                mad = f32(mad + f32(w[i] * diff))
-            if mad < best_mad:
-                for i in range(n):
-                    L[i] = Laux[i]
-                best_mad = mad
-                scale = this_scale
-                mn = this_min
-    return scale, f32(-mn)
-
-
-@jit
 def _levels_at(xb, L, o, n, dm, dd, lo, hi):
     """The final levels of a sub-block: ``L[o+k] = clamp(nearest_int((xb[o+k] + dm) / dd), lo, hi) - lo``."""
     for k in range(n):
         L[o + k] = max(lo, min(hi, nearest_int(f32(f32(xb[o + k] + dm) / dd)))) - lo
-
-
-@jit
-def _max_positive(v):
-    """``m = 0; for s in v: if s > m: m = s``."""
-    m = F0
-    for s in v:
-        if s > m:
-            m = s
-    return m
 
 
 @jit
@@ -126,21 +55,221 @@ def _k_scale_min(sc, j):
     return (sc[j + 4] & 0xF) | ((sc[j - 4] >> 6) << 4), (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4)
 
 
+# -- the fits, many sub-blocks side by side ------------------------------------------------
+#
+# ggml fits one sub-block at a time, in long chains of dependent float32 sums. Here
+# every fit works on a (n, G) slab: column g is one sub-block (16 or 32 weights), and
+# each step runs over the G columns at once. Every column still sees exactly ggml's
+# operations in ggml's order (so the bytes are the same), but the columns are
+# independent, which lets LLVM keep a whole vector register of them in flight.
+#
+# Codes are kept as float32 (exact for these small integers) and rounded with
+# ``np.rint`` (round half to even, ggml's nearest_int below 2**22). A block where some
+# rounded value could reach 2**22, or that holds a non-finite weight, is flagged, and
+# the caller quantizes it with the torch kernel (the reference) instead.
+
+
 @jit
-def _q45_k(xb, out, i, scratch, nmax, rmin, nstep):
-    """Q4_K (nmax 15) and Q5_K (nmax 31): 8 sub-blocks of 32 with 6-bit scales and mins."""
-    L, Laux, w, scales, mins, sc = scratch
+def qkx2_lanes(xt, w, fn, rmin, rdelta, nstep, use_mad, L, Laux, st):
+    """ggml's make_qkx2_quants on every column of ``xt`` (n, G), weights ``w``.
+
+    Fills ``L`` (n, G) with the codes; ``st`` (12, G) is scratch whose row 0 ends as
+    the fitted minimum and row 10 as the fitted scale. A flat column (max == min)
+    comes back with its minimum and no usable scale: the caller zeroes it. Returns
+    True when a rounded value reached 2**22."""
+    n, G = xt.shape
+    mn, mx, sum_w, sum_x, best, iscale = st[0], st[1], st[2], st[3], st[4], st[5]
+    sl, sl2, sxl, mad, scale, big = st[6], st[7], st[8], st[9], st[10], st[11]
+    for g in range(G):
+        mn[g] = xt[0, g]
+        mx[g] = xt[0, g]
+        sum_w[g] = w[0, g]
+        sum_x[g] = w[0, g] * xt[0, g]
+        big[g] = F0
+    for i in range(1, n):
+        for g in range(G):
+            v = xt[i, g]
+            mn[g] = v if v < mn[g] else mn[g]
+            mx[g] = v if v > mx[g] else mx[g]
+            sum_w[g] = sum_w[g] + w[i, g]
+            sum_x[g] = sum_x[g] + w[i, g] * v
+    for g in range(G):
+        mn[g] = F0 if mn[g] > F0 else mn[g]
+        iscale[g] = fn / (mx[g] - mn[g])
+        scale[g] = F1 / iscale[g]
+        best[g] = F0
+    for i in range(n):
+        for g in range(G):
+            v = iscale[g] * (xt[i, g] - mn[g])
+            big[g] = max(big[g], abs(v))
+            l = min(max(np.rint(v), F0), fn)
+            L[i, g] = l
+            diff = (scale[g] * l + mn[g]) - xt[i, g]
+            diff = abs(diff) if use_mad else diff * diff
+            best[g] = best[g] + w[i, g] * diff
+    for step in range(nstep + 1):
+        num = (rmin + rdelta * f32(step)) + fn
+        for g in range(G):
+            iscale[g] = num / (mx[g] - mn[g])   # ggml moves the minimum when a step wins
+            sl[g] = F0
+            sl2[g] = F0
+            sxl[g] = F0
+        for i in range(n):
+            for g in range(G):
+                v = iscale[g] * (xt[i, g] - mn[g])
+                big[g] = max(big[g], abs(v))
+                l = min(max(np.rint(v), F0), fn)
+                Laux[i, g] = l
+                wl = w[i, g] * l
+                sl[g] = sl[g] + wl
+                sl2[g] = sl2[g] + wl * l
+                sxl[g] = sxl[g] + wl * xt[i, g]
+        tried = False
+        for g in range(G):
+            D = sum_w[g] * sl2[g] - sl[g] * sl[g]
+            if D > F0:
+                tried = True
+                this_scale = (sum_w[g] * sxl[g] - sum_x[g] * sl[g]) / D
+                this_min = (sl2[g] * sum_x[g] - sl[g] * sxl[g]) / D
+                if this_min > F0:
+                    this_min = F0
+                    this_scale = sxl[g] / sl2[g]
+                sl[g] = this_scale             # rows 6 and 7 now hold this step's fit
+                sl2[g] = this_min
+            else:                              # no fit: a NaN error never wins below
+                sl[g] = np.nan
+                sl2[g] = np.nan
+            mad[g] = F0
+        if not tried:
+            continue
+        for i in range(n):
+            for g in range(G):
+                diff = (sl[g] * Laux[i, g] + sl2[g]) - xt[i, g]
+                diff = abs(diff) if use_mad else diff * diff
+                mad[g] = mad[g] + w[i, g] * diff
+        for g in range(G):
+            if mad[g] < best[g]:
+                for i in range(n):
+                    L[i, g] = Laux[i, g]
+                best[g] = mad[g]
+                scale[g] = sl[g]
+                mn[g] = sl2[g]
+    for g in range(G):
+        if not (big[g] < F_MAGIC_LIMIT):
+            return True
+    return False
+
+
+@jit
+def _qx_sums(xt, isc, fn, slx, sl2):
+    """One try of make_qx_quants on every column: the weighted sums of x*l and l*l."""
+    n, G = xt.shape
+    for g in range(G):
+        slx[g] = F0
+        sl2[g] = F0
+    for i in range(n):
+        for g in range(G):
+            v = xt[i, g]
+            l = min(max(np.rint(isc[g] * v), -fn), fn - F1)
+            wv = v * v
+            slx[g] = slx[g] + (wv * v) * l
+            sl2[g] = sl2[g] + (wv * l) * l
+
+
+@jit
+def qx_lanes(xt, fn, L, st):
+    """ggml's make_qx_quants (rmse_type 1: weights x*x) on every column of ``xt`` (n, G).
+
+    Fills ``L`` (n, G) with codes 0..2*nmax-1; ``st`` (8, G) is scratch whose row 5 ends
+    as the scales (0 for a column whose largest magnitude is below ggml's epsilon).
+    The rounded values stay within nmax + 1 in magnitude: no 2**22 check is needed."""
+    n, G = xt.shape
+    mx, amax, isc, slx, sl2, scale, best, pick = st[0], st[1], st[2], st[3], st[4], st[5], st[6], st[7]
+    for g in range(G):
+        mx[g] = F0
+        amax[g] = F0
+    for i in range(n):
+        for g in range(G):
+            a = abs(xt[i, g])
+            larger = a > amax[g]
+            amax[g] = a if larger else amax[g]
+            mx[g] = xt[i, g] if larger else mx[g]
+    for g in range(G):
+        isc[g] = -fn / mx[g] if amax[g] >= F_EPS else F0
+    _qx_sums(xt, isc, fn, slx, sl2)
+    for g in range(G):
+        scale[g] = slx[g] / sl2[g] if sl2[g] != F0 else F0
+        best[g] = scale[g] * slx[g]
+        pick[g] = isc[g]
+    for s in range(-9, 10):
+        if s == 0:
+            continue
+        for g in range(G):
+            isc[g] = -(fn + F_TENTH * f32(s)) / mx[g] if amax[g] >= F_EPS else F0
+        _qx_sums(xt, isc, fn, slx, sl2)
+        for g in range(G):
+            if sl2[g] > F0 and slx[g] * slx[g] > best[g] * sl2[g]:
+                scale[g] = slx[g] / sl2[g]
+                best[g] = scale[g] * slx[g]
+                pick[g] = isc[g]
+    for i in range(n):
+        for g in range(G):
+            L[i, g] = fn + min(max(np.rint(pick[g] * xt[i, g]), -fn), fn - F1)
+    for g in range(G):
+        if amax[g] < F_EPS:
+            scale[g] = F0
+            for i in range(n):
+                L[i, g] = F0
+
+
+@jit
+def _finite(xb):
+    for v in xb:
+        if not (abs(v) < np.inf):
+            return False
+    return True
+
+
+# -- Q4_K and Q5_K: 8 sub-blocks of 32, two blocks (16 columns) at a time ------------------
+
+@jit
+def _q45_columns(xb, xt, w, col, flat):
+    """Block ``xb``'s 8 sub-blocks into columns col..col+7 of ``xt`` with ggml's weights
+    (the sub-block's rms plus |x|); ``flat[g]``: the column's max equals its min (<= 0)."""
     for j in range(8):
-        sx2 = F0
+        g = col + j
+        sum_x2 = F0
         for k in range(32):
             v = xb[32 * j + k]
-            sx2 = f32(sx2 + f32(v * v))
-        av_x = np.sqrt(f32(sx2 / F32))
+            xt[k, g] = v
+            sum_x2 = sum_x2 + v * v
+        av_x = np.sqrt(sum_x2 / F32)
+        lo = xt[0, g]
+        hi = lo
         for k in range(32):
-            w[k] = f32(av_x + abs(xb[32 * j + k]))
-        scales[j], mins[j] = make_qkx2(xb[32 * j:32 * j + 32], w, nmax, rmin, F_TENTH, nstep, False,
-                                       L[32 * j:32 * j + 32], Laux)
-    max_scale, max_min = _max_positive(scales[:8]), _max_positive(mins[:8])
+            v = xt[k, g]
+            w[k, g] = av_x + abs(v)
+            lo = v if v < lo else lo
+            hi = v if v > hi else hi
+        flat[g] = hi == (F0 if lo > F0 else lo)
+
+
+@jit
+def _q45_block(xb, out, i, L, st, col, flat, nmax, Lb, scales, mins, sc):
+    """Block ``i``'s bytes from its 8 fitted columns: the 6-bit scales and mins, the
+    final codes against the stored (fp16-rounded) scales, the packed nibbles."""
+    max_scale = F0
+    max_min = F0
+    for j in range(8):
+        g = col + j
+        s = F0 if flat[g] else st[10, g]
+        m = f32(-st[0, g])
+        for k in range(32):
+            Lb[32 * j + k] = 0 if flat[g] else int(L[k, g])
+        scales[j] = s
+        mins[j] = m
+        max_scale = s if s > max_scale else max_scale
+        max_min = m if m > max_min else max_min
     inv_scale = f32(F63 / max_scale) if max_scale > F0 else F0
     inv_min = f32(F63 / max_min) if max_min > F0 else F0
     for k in range(12):
@@ -158,28 +287,189 @@ def _q45_k(xb, out, i, scratch, nmax, rmin, nstep):
         dd = f32(d * f32(si))
         if dd == F0:
             continue
-        dm = f32(dmin * f32(mi))
-        _levels_at(xb, L, 32 * j, 32, dm, dd, 0, nmax)
+        _levels_at(xb, Lb, 32 * j, 32, f32(dmin * f32(mi)), dd, 0, nmax)
     if nmax == 15:
-        for g in range(4):
+        for q in range(4):
             for k in range(32):
-                out[i, Q4_QS + 32 * g + k] = L[64 * g + k] | (L[64 * g + 32 + k] << 4)
-    else:
+                out[i, Q4_QS + 32 * q + k] = Lb[64 * q + k] | (Lb[64 * q + 32 + k] << 4)
+        return
+    for k in range(32):
+        out[i, Q5_QH + k] = 0
+    for q in range(4):
         for k in range(32):
-            out[i, Q5_QH + k] = 0
-        for g in range(4):
-            for k in range(32):
-                l1 = L[64 * g + k]
-                l2 = L[64 * g + 32 + k]
-                h = 0
-                if l1 > 15:
-                    l1 -= 16
-                    h |= 1 << (2 * g)
-                if l2 > 15:
-                    l2 -= 16
-                    h |= 2 << (2 * g)
-                out[i, Q5_QH + k] |= h
-                out[i, Q5_QS + 32 * g + k] = l1 | (l2 << 4)
+            l1 = Lb[64 * q + k]
+            l2 = Lb[64 * q + 32 + k]
+            h = 0
+            if l1 > 15:
+                l1 -= 16
+                h |= 1 << (2 * q)
+            if l2 > 15:
+                l2 -= 16
+                h |= 2 << (2 * q)
+            out[i, Q5_QH + k] |= h
+            out[i, Q5_QS + 32 * q + k] = l1 | (l2 << 4)
+
+
+@pjit
+def _q45_k(x, out, redo, nmax, rmin, nstep):
+    """Q4_K (nmax 15) and Q5_K (nmax 31); ``redo[i]`` marks the blocks left to the caller."""
+    nb = x.shape[0]
+    npair = (nb + 1) // 2
+    fn = f32(nmax)
+    for c in prange((npair + 7) // 8):
+        xt = np.empty((32, 16), dtype=np.float32)
+        w = np.empty((32, 16), dtype=np.float32)
+        L = np.empty((32, 16), dtype=np.float32)
+        Laux = np.empty((32, 16), dtype=np.float32)
+        st = np.empty((12, 16), dtype=np.float32)
+        flat = np.empty(16, dtype=np.bool_)
+        Lb = np.empty(256, dtype=np.int64)
+        scales = np.empty(8, dtype=np.float32)
+        mins = np.empty(8, dtype=np.float32)
+        sc = np.zeros(12, dtype=np.int64)
+        for p in range(c * 8, min(npair, c * 8 + 8)):
+            i0 = 2 * p
+            i1 = min(nb - 1, i0 + 1)          # an odd last block pairs with itself
+            if not (_finite(x[i0]) and _finite(x[i1])):
+                redo[i0] = True
+                redo[i1] = True
+                continue
+            _q45_columns(x[i0], xt, w, 0, flat)
+            _q45_columns(x[i1], xt, w, 8, flat)
+            if qkx2_lanes(xt, w, fn, rmin, F_TENTH, nstep, False, L, Laux, st):
+                redo[i0] = True
+                redo[i1] = True
+                continue
+            _q45_block(x[i0], out, i0, L, st, 0, flat, nmax, Lb, scales, mins, sc)
+            if i1 != i0:
+                _q45_block(x[i1], out, i1, L, st, 8, flat, nmax, Lb, scales, mins, sc)
+
+
+# -- Q6_K and Q2_K: 16 sub-blocks of 16 (16 columns a block) ---------------------------------
+
+@jit
+def _columns16(xb, xt):
+    for k in range(16):
+        for j in range(16):
+            xt[k, j] = xb[16 * j + k]
+
+
+@pjit
+def _q6_k(x, out, redo):
+    nb = x.shape[0]
+    fn = f32(32.0)
+    for c in prange((nb + 15) // 16):
+        xt = np.empty((16, 16), dtype=np.float32)
+        Lt = np.empty((16, 16), dtype=np.float32)
+        L = np.empty(256, dtype=np.int64)
+        st = np.empty((8, 16), dtype=np.float32)
+        for i in range(c * 16, min(nb, c * 16 + 16)):
+            xb = x[i]
+            if not _finite(xb):
+                redo[i] = True
+                continue
+            _columns16(xb, xt)
+            qx_lanes(xt, fn, Lt, st)
+            max_scale = F0
+            max_abs = F0
+            for j in range(16):
+                s = st[5, j]
+                if abs(s) > max_abs:
+                    max_abs = abs(s)
+                    max_scale = s
+                for k in range(16):
+                    L[16 * j + k] = int(Lt[k, j])
+            if max_abs < F_EPS:
+                for k in range(Q6_SIZE):
+                    out[i, k] = 0
+                continue
+            iscale = f32(-F128 / max_scale)
+            d = put_f16(out, i, Q6_D, f32(F1 / iscale))
+            for j in range(16):
+                q = min(127, nearest_int(f32(iscale * st[5, j])))
+                out[i, Q6_SCALES + j] = q & 0xFF
+                dd = f32(d * f32(q))
+                if dd == F0:
+                    continue
+                _levels_at(xb, L, 16 * j, 16, F0, dd, -32, 31)
+            for h in range(2):
+                for k in range(32):
+                    a = L[128 * h + k]
+                    b = L[128 * h + 32 + k]
+                    c2 = L[128 * h + 64 + k]
+                    e = L[128 * h + 96 + k]
+                    out[i, Q6_QL + 64 * h + k] = (a & 0xF) | ((c2 & 0xF) << 4)
+                    out[i, Q6_QL + 64 * h + 32 + k] = (b & 0xF) | ((e & 0xF) << 4)
+                    out[i, Q6_QH + 32 * h + k] = (a >> 4) | ((b >> 4) << 2) | ((c2 >> 4) << 4) | ((e >> 4) << 6)
+
+
+@pjit
+def _q2_k(x, out, redo):
+    nb = x.shape[0]
+    fn = f32(3.0)
+    for c in prange((nb + 15) // 16):
+        xt = np.empty((16, 16), dtype=np.float32)
+        w = np.empty((16, 16), dtype=np.float32)
+        L = np.empty((16, 16), dtype=np.float32)
+        Laux = np.empty((16, 16), dtype=np.float32)
+        Lb = np.empty(256, dtype=np.int64)
+        st = np.empty((12, 16), dtype=np.float32)
+        scales = np.empty(16, dtype=np.float32)
+        mins = np.empty(16, dtype=np.float32)
+        for i in range(c * 16, min(nb, c * 16 + 16)):
+            xb = x[i]
+            if not _finite(xb):
+                redo[i] = True
+                continue
+            _columns16(xb, xt)
+            for k in range(16):
+                for j in range(16):
+                    w[k, j] = abs(xt[k, j])
+            if qkx2_lanes(xt, w, fn, f32(-0.5), F_TENTH, 15, True, L, Laux, st):
+                redo[i] = True
+                continue
+            max_scale = F0
+            max_min = F0
+            for j in range(16):
+                lo = xt[0, j]
+                hi = lo
+                for k in range(16):
+                    lo = xt[k, j] if xt[k, j] < lo else lo
+                    hi = xt[k, j] if xt[k, j] > hi else hi
+                flat = hi == (F0 if lo > F0 else lo)
+                s = F0 if flat else st[10, j]
+                m = f32(-st[0, j])
+                for k in range(16):
+                    Lb[16 * j + k] = 0 if flat else int(L[k, j])
+                scales[j] = s
+                mins[j] = m
+                max_scale = s if s > max_scale else max_scale
+                max_min = m if m > max_min else max_min
+            if max_scale > F0:
+                iscale = f32(F15 / max_scale)
+                for j in range(16):
+                    out[i, Q2_SCALES + j] = nearest_int(f32(iscale * scales[j])) & 0xFF
+                d = put_f16(out, i, Q2_D, f32(max_scale / F15))
+            else:
+                for j in range(16):
+                    out[i, Q2_SCALES + j] = 0
+                d = put_f16(out, i, Q2_D, F0)
+            if max_min > F0:
+                iscale = f32(F15 / max_min)
+                for j in range(16):
+                    out[i, Q2_SCALES + j] = (out[i, Q2_SCALES + j] | (nearest_int(f32(iscale * mins[j])) << 4)) & 0xFF
+                dmin = put_f16(out, i, Q2_DMIN, f32(max_min / F15))
+            else:
+                dmin = put_f16(out, i, Q2_DMIN, F0)
+            for j in range(16):
+                dd = f32(d * f32(out[i, Q2_SCALES + j] & 0xF))
+                if dd == F0:
+                    continue
+                _levels_at(xb, Lb, 16 * j, 16, f32(dmin * f32(out[i, Q2_SCALES + j] >> 4)), dd, 0, 3)
+            for h in range(2):
+                for k in range(32):
+                    out[i, Q2_QS + 32 * h + k] = (Lb[128 * h + k] | (Lb[128 * h + 32 + k] << 2)
+                                                  | (Lb[128 * h + 64 + k] << 4) | (Lb[128 * h + 96 + k] << 6))
 
 
 @jit
@@ -196,97 +486,6 @@ def _qx_pass(x, iscale, nmax, L, offset, store):
         sumlx = f32(sumlx + f32(f32(w * x[i]) * f32(l)))
         suml2 = f32(suml2 + f32(f32(w * f32(l)) * f32(l)))
     return sumlx, suml2
-
-
-@jit
-def make_qx(x, nmax, L):
-    """ggml's make_qx_quants with rmse_type 1 (weights x*x): fills ``L`` with
-    0..2*nmax-1, returns the scale."""
-    fn = f32(nmax)
-    mx, amax = signed_absmax(x)
-    if amax < F_EPS:
-        L[:] = 0
-        return F0
-    sumlx, suml2 = _qx_pass(x, f32(-fn / mx), nmax, L, nmax, True)
-    scale = f32(sumlx / suml2) if suml2 != F0 else F0
-    best = f32(scale * sumlx)
-    for s in range(-9, 10):
-        if s == 0:
-            continue
-        iscale = f32(-f32(fn + f32(F_TENTH * f32(s))) / mx)
-        sumlx, suml2 = _qx_pass(x, iscale, nmax, L, nmax, False)
-        if suml2 > F0 and f32(sumlx * sumlx) > f32(best * suml2):
-            _qx_pass(x, iscale, nmax, L, nmax, True)
-            scale = f32(sumlx / suml2)
-            best = f32(scale * sumlx)
-    return scale
-
-
-@jit
-def _q6_k(xb, out, i, scratch, p0, p1, p2):
-    L, scales = scratch[0], scratch[3]
-    for j in range(16):
-        scales[j] = make_qx(xb[16 * j:16 * j + 16], 32, L[16 * j:16 * j + 16])
-    max_scale, max_abs = signed_absmax(scales)
-    if max_abs < F_EPS:
-        for k in range(Q6_SIZE):
-            out[i, k] = 0
-        return
-    iscale = f32(-F128 / max_scale)
-    d = put_f16(out, i, Q6_D, f32(F1 / iscale))
-    for j in range(16):
-        q = min(127, nearest_int(f32(iscale * scales[j])))
-        out[i, Q6_SCALES + j] = q & 0xFF
-        dd = f32(d * f32(q))
-        if dd == F0:
-            continue
-        _levels_at(xb, L, 16 * j, 16, F0, dd, -32, 31)
-    for h in range(2):
-        for k in range(32):
-            a = L[128 * h + k]
-            b = L[128 * h + 32 + k]
-            c2 = L[128 * h + 64 + k]
-            e = L[128 * h + 96 + k]
-            out[i, Q6_QL + 64 * h + k] = (a & 0xF) | ((c2 & 0xF) << 4)
-            out[i, Q6_QL + 64 * h + 32 + k] = (b & 0xF) | ((e & 0xF) << 4)
-            out[i, Q6_QH + 32 * h + k] = (a >> 4) | ((b >> 4) << 2) | ((c2 >> 4) << 4) | ((e >> 4) << 6)
-
-
-@jit
-def _q2_k(xb, out, i, scratch, p0, p1, p2):
-    L, Laux, w, scales, mins, _ = scratch
-    for j in range(16):
-        for k in range(16):
-            w[k] = abs(xb[16 * j + k])
-        scales[j], mins[j] = make_qkx2(xb[16 * j:16 * j + 16], w, 3, f32(-0.5), F_TENTH, 15, True,
-                                       L[16 * j:16 * j + 16], Laux)
-    max_scale, max_min = _max_positive(scales), _max_positive(mins)
-    if max_scale > F0:
-        iscale = f32(F15 / max_scale)
-        for j in range(16):
-            out[i, Q2_SCALES + j] = nearest_int(f32(iscale * scales[j])) & 0xFF
-        d = put_f16(out, i, Q2_D, f32(max_scale / F15))
-    else:
-        for j in range(16):
-            out[i, Q2_SCALES + j] = 0
-        d = put_f16(out, i, Q2_D, F0)
-    if max_min > F0:
-        iscale = f32(F15 / max_min)
-        for j in range(16):
-            out[i, Q2_SCALES + j] = (out[i, Q2_SCALES + j] | (nearest_int(f32(iscale * mins[j])) << 4)) & 0xFF
-        dmin = put_f16(out, i, Q2_DMIN, f32(max_min / F15))
-    else:
-        dmin = put_f16(out, i, Q2_DMIN, F0)
-    for j in range(16):
-        dd = f32(d * f32(out[i, Q2_SCALES + j] & 0xF))
-        if dd == F0:
-            continue
-        dm = f32(dmin * f32(out[i, Q2_SCALES + j] >> 4))
-        _levels_at(xb, L, 16 * j, 16, dm, dd, 0, 3)
-    for h in range(2):
-        for k in range(32):
-            out[i, Q2_QS + 32 * h + k] = (L[128 * h + k] | (L[128 * h + 32 + k] << 2)
-                                          | (L[128 * h + 64 + k] << 4) | (L[128 * h + 96 + k] << 6))
 
 
 @jit
@@ -363,31 +562,21 @@ def _q3_k(xb, out, i, scratch, p0, p1, p2):
 
 
 @pjit
-def _quantize(x, out, kind, nmax, rmin, nstep):
-    """Every block of ``x`` with the block function ``kind`` (0: Q4_K / Q5_K, 1: Q6_K,
-    2: Q2_K, 3: Q3_K), ``_CHUNK`` blocks a parallel work item."""
+def _quantize_q3(x, out):
+    """Every block of ``x`` in Q3_K, ``_CHUNK`` blocks a parallel work item."""
     for c in prange((x.shape[0] + _CHUNK - 1) // _CHUNK):
         s = scratch()
         for i in range(c * _CHUNK, min(x.shape[0], c * _CHUNK + _CHUNK)):
-            if kind == 0:
-                _q45_k(x[i], out, i, s, nmax, rmin, nstep)
-            elif kind == 1:
-                _q6_k(x[i], out, i, s, nmax, rmin, nstep)
-            elif kind == 2:
-                _q2_k(x[i], out, i, s, nmax, rmin, nstep)
-            else:
-                _q3_k(x[i], out, i, s, nmax, rmin, nstep)
+            _q3_k(x[i], out, i, s, 0, 0, 0)
 
 
-def _kernel(kind, nmax=0, rmin=F0, nstep=0):
-    return lambda x, out: _quantize(x, out, kind, nmax, f32(rmin), nstep)
-
-
+# The side-by-side kernels mark in ``redo`` the blocks they leave (a non-finite weight, or a
+# value that would round past 2**22): those are quantized by the torch kernel, the reference.
 QUANTIZERS = {
-    GGMLType.Q2_K: quantizer(_kernel(2), Q2_K.size),
-    GGMLType.Q3_K: quantizer(_kernel(3), Q3_K.size),
-    GGMLType.Q4_K: quantizer(_kernel(0, 15, -1.0, 20), Q4_K.size),
-    GGMLType.Q5_K: quantizer(_kernel(0, 31, -0.5, 15), Q5_K.size),
-    GGMLType.Q6_K: quantizer(_kernel(1), Q6_K.size),
+    GGMLType.Q2_K: quantizer(_q2_k, Q2_K.size, leaves_to=GGMLType.Q2_K),
+    GGMLType.Q3_K: quantizer(_quantize_q3, Q3_K.size),
+    GGMLType.Q4_K: quantizer(lambda x, o, r: _q45_k(x, o, r, 15, f32(-1.0), 20), Q4_K.size, leaves_to=GGMLType.Q4_K),
+    GGMLType.Q5_K: quantizer(lambda x, o, r: _q45_k(x, o, r, 31, f32(-0.5), 15), Q5_K.size, leaves_to=GGMLType.Q5_K),
+    GGMLType.Q6_K: quantizer(_q6_k, Q6_K.size, leaves_to=GGMLType.Q6_K),
 }
 DEQUANTIZERS: dict = {}
