@@ -12,8 +12,10 @@ weights, 3.2 GB), then, each in a fresh process so that its peak memory is its o
   memory-mapped source are not counted, the goal is about memory beyond them);
 * ggml's C quantizer (``ggml-python``, single thread) on the same tensors in the same
   formats, for the ratio (skipped with a note when ggml-python is not installed);
-* a bake (``python -m lib_lora bake``) of a rank-16 kohya LoRA on every linear of every block into the
-  converted file: its wall time beside the convert's time for the tensors it touches.
+* a bake (``lib_lora.bake.bake_loras``, what ``python -m lib_lora bake`` runs) of a rank-16 kohya LoRA on
+  every linear of every block into the converted file: its wall time, split (dequantize and merge,
+  range check, quantize, write), beside the convert's whole time for the tensors it touches (each
+  tensor's reading, finite check, quantizing and writing, timed tensor by tensor in the writer).
 
 Goals (issue 12): a 12 B Flux to Q4_K_S in at most 5 minutes on two cores (the
 whole-model figure scales this run's quantize rate to Flux-dev's 11.9 B weights);
@@ -56,20 +58,44 @@ def sample():
 threading.Thread(target=sample, daemon=True).start()
 
 import torch
+import lib_gguf
 import lib_gguf.quant as quant
 import lib_gguf.converter as converter
-times = {"read": 0.0, "quantize": 0.0}
-per_tensor = {}
-orig_quantize = quant.quantize
-def timed_quantize(x, fmt, *a, name=None, **k):
-    t = time.perf_counter()
-    out = orig_quantize(x, fmt, *a, name=name, **k)
-    dt = time.perf_counter() - t
-    times["quantize"] += dt
+import lib_gguf.writer as writer
+times = {"read": 0.0, "quantize": 0.0, "merge": 0.0, "check": 0.0, "write": 0.0}
+per_tensor = {}  # name -> seconds reading and quantizing it (the convert's old measure)
+whole_tensor = {}  # name -> seconds making its bytes and writing them (everything done for it)
+current = [None]
+def add(d, name, dt):
     if name:
-        per_tensor[name] = per_tensor.get(name, 0.0) + dt
+        d[name] = d.get(name, 0.0) + dt
+def timer(key, fn, named=None):
+    def wrapped(*a, **k):
+        t = time.perf_counter()
+        out = fn(*a, **k)
+        dt = time.perf_counter() - t
+        times[key] += dt
+        if named is not None:
+            add(per_tensor, named(a, k), dt)
+        return out
+    return wrapped
+orig_quantize = quant.quantize
+timed_quantize = timer("quantize", orig_quantize, lambda a, k: k.get("name"))
+quant.quantize = converter.quantize = lib_gguf.quantize = timed_quantize  # each caller's own reference
+orig_bytes_of, orig_write = writer._bytes_of, writer._write
+def bytes_of(name, *a, **k):
+    current[0] = name
+    t = time.perf_counter()
+    out = orig_bytes_of(name, *a, **k)
+    add(whole_tensor, name, time.perf_counter() - t)
     return out
-quant.quantize = converter.quantize = timed_quantize  # the converter calls its own reference
+def write(f, data, path):
+    t = time.perf_counter()
+    orig_write(f, data, path)
+    dt = time.perf_counter() - t
+    times["write"] += dt
+    add(whole_tensor, current[0], dt)
+writer._bytes_of, writer._write = bytes_of, write
 orig_open = converter.open_source
 def open_source(src):
     s = orig_open(src)
@@ -80,11 +106,15 @@ def open_source(src):
         out = torch.empty_like(out).copy_(out)  # touch every page now: reading, not quantizing
         dt = time.perf_counter() - t
         times["read"] += dt
-        per_tensor[name] = per_tensor.get(name, 0.0) + dt
+        add(per_tensor, name, dt)
         return out
     s.load = timed_load
     return s
 converter.open_source = open_source
+if job == "bake":
+    import lib_lora.bake as bake
+    bake.merged_weight = timer("merge", bake.merged_weight)  # dequantize, add the LoRA, finite check
+    bake.check_range = timer("check", bake.check_range)
 
 for fmt in args.get("warm", []):  # compile (or load from numba's cache) before timing
     orig_quantize(torch.randn(4, 256), fmt)
@@ -100,8 +130,8 @@ elif job == "bake":
 wall = time.perf_counter() - t0
 stop.set()
 peak[0] = max(peak[0], anon_kb())
-print(json.dumps({"wall": wall, "read": times["read"], "quantize": times["quantize"],
-                  "write_and_rest": wall - times["read"] - times["quantize"], "per_tensor": per_tensor,
+print(json.dumps({"wall": wall, **times, "rest": wall - sum(times.values()), "per_tensor": per_tensor,
+                  "whole_tensor": whole_tensor,
                   "peak_anon_mb": peak[0] / 1024, "start_anon_mb": base / 1024, **extra}))
 '''
 
@@ -214,7 +244,7 @@ def main() -> int:
         c = child("convert", src=src, dst=dst, recipe=a.recipe, warm=warm)
         rate = c["n_weights"] / c["quantize"] / 1e6
         print(f"\nconvert {a.recipe}: {c['wall']:.1f} s wall = read {c['read']:.1f} + quantize {c['quantize']:.1f} + "
-              f"write and the rest {c['write_and_rest']:.1f}; {c['n_weights'] / c['wall'] / 1e6:.1f} Mweights/s wall, "
+              f"write {c['write']:.1f} + the rest {c['rest']:.1f}; {c['n_weights'] / c['wall'] / 1e6:.1f} Mweights/s wall, "
               f"{rate:.1f} quantizing; formats {c['formats']}")
         whole = FLUX_DEV_WEIGHTS / (c["n_weights"] / c["wall"]) / 60
         print(f"  Flux-dev (11.9 B weights) at this wall rate: {whole:.1f} min (goal: at most 5)")
@@ -238,11 +268,14 @@ def main() -> int:
         if not a.no_bake:
             touched = write_lora(lora, a.double, a.single)
             b = child("bake", model=dst, lora=lora, dst=baked, warm=warm)
-            conv_touched = sum(c["per_tensor"].get(k, 0.0) for k in touched)
-            print(f"\nbake a rank-16 LoRA into {b['merged']} tensors: {b['wall']:.1f} s wall (quantize "
-                  f"{b['quantize']:.1f}); the convert spent {conv_touched:.1f} s reading and quantizing those: "
-                  f"{b['wall'] / max(conv_touched, 1e-9):.2f}x (goal at most 1.1x); peak anonymous memory "
-                  f"{b['peak_anon_mb']:.0f} MiB")
+            conv_touched = sum(c["whole_tensor"].get(k, 0.0) for k in touched)
+            conv_read_quant = sum(c["per_tensor"].get(k, 0.0) for k in touched)
+            print(f"\nbake a rank-16 LoRA into {b['merged']} tensors: {b['wall']:.1f} s wall = dequantize and merge "
+                  f"{b['merge']:.1f} + range check {b['check']:.1f} + quantize {b['quantize']:.1f} + write "
+                  f"{b['write']:.1f} + the rest {b['rest']:.1f}; peak anonymous memory {b['peak_anon_mb']:.0f} MiB")
+            print(f"  the convert spent {conv_touched:.1f} s on those tensors (read, check, quantize, write; "
+                  f"{conv_read_quant:.1f} s of it reading and quantizing): bake / convert "
+                  f"{b['wall'] / max(conv_touched, 1e-9):.2f}x (goal at most 1.1x)")
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -168,6 +168,21 @@ class ConvertSummary:
         return "\n".join(lines)
 
 
+_AMINMAX_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    """No NaN or inf in ``x``: one pass over the values, with no float copy, for the
+    dtypes ``aminmax`` reads (a NaN or inf shows in the extremes); float8 and others
+    through a float32 copy."""
+    if not x.numel() or not x.is_floating_point():
+        return True
+    if x.dtype in _AMINMAX_DTYPES:
+        lo, hi = torch.aminmax(x)
+        return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+    return bool(torch.isfinite(x.float()).all())
+
+
 class _PlannedTensor:
     """A tensor the writer asks for when it reaches it (streaming)."""
 
@@ -191,9 +206,8 @@ class _PlannedTensor:
         if tuple(x.shape) != self.plan.shape:
             raise GGUFFormatError(f"shape changed while reading: {tuple(x.shape)} != {self.plan.shape}",
                                   path=self.path, tensor=self.plan.name)
-        finite = torch.isfinite(x.float())
-        if not finite.all():
-            bad = int((~finite).sum())
+        if not _all_finite(x):
+            bad = int((~torch.isfinite(x.float())).sum())
             raise GGUFFormatError(f"contains {bad} inf or NaN values (of {x.numel()}); nothing was written",
                                   path=self.path, tensor=self.plan.name)
         return quantize(x, self.plan.format, name=self.plan.name)

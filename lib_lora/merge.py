@@ -8,6 +8,7 @@ DoRA normalises each row on its own, so a row's merge needs no other row.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -40,6 +41,25 @@ def _rows_of(p: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return p.detach().index_select(0, rows.to(p.device)).to(torch.float32)
 
 
+def _add_lowrank(region: torch.Tensor, patch: Patch, strength: float) -> bool:
+    """``region += strength * scale * (up @ down)`` as one fused product, with no delta
+    the size of the weight made; False (nothing done) where the patch or its shapes do
+    not suit it (the general path then adds, or says what does not fit)."""
+    if not patch.is_lowrank or patch.dora_scale is not None or not region.is_contiguous():
+        return False
+    alpha = float(strength) * patch.scale
+    if not abs(alpha) <= torch.finfo(torch.float32).max:
+        return False
+    up = patch.tensors["up"].flatten(1)
+    down = patch.tensors["down"].flatten(1)
+    flat = region.view(region.shape[0], -1)
+    if up.shape[0] != flat.shape[0] or down.shape[1] != flat.shape[1] or up.shape[1] != down.shape[0]:
+        return False
+    flat.addmm_(up.to(device=region.device, dtype=region.dtype), down.to(device=region.device, dtype=region.dtype),
+                alpha=alpha)
+    return True
+
+
 def _add(region: torch.Tensor, delta: torch.Tensor, patch: Patch, strength: float) -> None:
     """``region += strength * delta`` in place (DoRA's normalised form when the patch has one)."""
     if patch.dora_scale is not None:
@@ -63,6 +83,8 @@ def _add_patches(w: torch.Tensor, param_shape: Tuple[int, ...], patches: Sequenc
         region_shape = patch.target_shape(tuple(param_shape))
         if rows is None:
             region = w if patch.slice is None else w.narrow(0, start, length)
+            if tuple(region.shape) == tuple(region_shape) and _add_lowrank(region, patch, strength):
+                continue
             _add(region, patch.delta(region_shape, torch.float32, w.device), patch, strength)
             continue
         sel = ((rows >= start) & (rows < start + length)).nonzero().flatten()
@@ -84,13 +106,32 @@ def _add_patches(w: torch.Tensor, param_shape: Tuple[int, ...], patches: Sequenc
         w.index_copy_(0, sel, region)
 
 
+def value_range(w: torch.Tensor) -> Tuple[float, float]:
+    """(smallest, largest) value of ``w`` in one pass; NaN in either when ``w`` holds a NaN."""
+    if not w.numel():
+        return 0.0, 0.0
+    lo, hi = torch.aminmax(w)
+    return float(lo), float(hi)
+
+
 def _check_finite(w: torch.Tensor, patches, name: Optional[str]) -> None:
-    finite = torch.isfinite(w)
-    if not bool(finite.all()):
+    lo, hi = value_range(w)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        finite = torch.isfinite(w)
         sources = sorted({p.source for p, _ in patches})
         raise LoraError(f"merging gives {int((~finite).sum())} inf or NaN values (of {w.numel()}) "
                         f"from {', '.join(sources)}: a strength too large, or a weight already broken",
                         key=name or (patches[0][0].key if patches else None))
+
+
+def _shares_memory(w: torch.Tensor, param: torch.Tensor) -> bool:
+    """Whether ``w`` may be ``param``'s own memory (a float weight already float32):
+    then the merge works on a copy, never on the model's weight."""
+    src = param.data if isinstance(param, torch.nn.Parameter) else param
+    try:
+        return w.untyped_storage().data_ptr() == src.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return True
 
 
 def merged_weight(param: torch.Tensor, patches: Sequence[Tuple[Patch, float]], name: Optional[str] = None,
@@ -98,7 +139,9 @@ def merged_weight(param: torch.Tensor, patches: Sequence[Tuple[Patch, float]], n
     """The float32 weight with every (patch, strength) added (DoRA applied). A result
     holding inf or NaN (a strength too large for float32, a broken weight) raises
     :class:`LoraError` naming the parameter: it is never written."""
-    w = dequantized(param).clone()
+    w = dequantized(param)
+    if _shares_memory(w, param):
+        w = w.clone()
     _add_patches(w, tuple(w.shape), patches)
     _check_finite(w, patches, name)
     return w
@@ -110,7 +153,8 @@ def check_range(w: torch.Tensor, fmt, name: str, path=None) -> None:
     would hold inf."""
     if fmt is None or fmt.name in ("F32", "BF16", "F64"):
         return
-    peak = float(w.abs().max()) if w.numel() else 0.0
+    lo, hi = value_range(w)
+    peak = max(-lo, hi) if lo == lo and hi == hi else float("nan")
     if peak > F16_MAX:
         raise LoraError(f"merged values reach {peak:.3g}, beyond what {fmt.name} holds (float16's range, "
                         f"{F16_MAX:g}): a LoRA strength far too large?", path=path, key=name)

@@ -185,3 +185,18 @@ def test_low_bit_presets_convert_and_read_back(tmp_path, flux_file, flux_sd, pre
     w = lib_gguf.load_state_dict(dst)[name]
     assert w.gguf_cls.name == preset
     assert _rel_err(w.dequantize(torch.float32), flux_sd[name].to(torch.bfloat16)) < max_err
+
+
+@pytest.mark.parametrize("dtype,value", [(torch.bfloat16, float("nan")), (torch.float16, float("inf")),
+                                         (torch.float32, float("-inf")), (torch.float8_e4m3fn, float("nan"))])
+def test_non_finite_values_are_found_in_every_source_dtype(tmp_path, flux_sd, dtype, value):
+    """The one-pass finite check (extremes) and the float8 path both catch a single bad value."""
+    src = tmp_path / "bad.safetensors"
+    bad = dict(flux_sd)
+    w = bad["double_blocks.0.img_mlp.0.weight"].to(dtype).clone()
+    w.view(-1)[w.numel() // 2 + 7] = value
+    bad["double_blocks.0.img_mlp.0.weight"] = w
+    save_file(bad, str(src))
+    with pytest.raises(GGUFFormatError, match=r"double_blocks.0.img_mlp.0.weight.*1 inf or NaN|1 inf or NaN"):
+        convert(src, tmp_path / "out.gguf", "Q8_0")
+    assert not (tmp_path / "out.gguf").exists()

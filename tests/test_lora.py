@@ -332,3 +332,31 @@ def test_other_architectures_kohya_names_map_to_their_own_keys():
     h = apply_loras(m, [(lf, 1.0)], mode="runtime")
     assert torch.allclose(layer(x), base + x @ (up @ down).T, atol=1e-3)
     h.remove()
+
+
+def test_fused_low_rank_merge_matches_the_formula_and_never_touches_the_weight():
+    """merged_weight adds a plain LoRA as one fused product (no full-size delta): the
+    same values as ``w + strength * scale * up @ down`` to float32 rounding; a float32
+    weight is merged on a copy; a strength whose product with alpha/rank leaves float32
+    takes the general path, which refuses the inf it makes."""
+    from lib_lora.loader import Patch
+    from lib_lora.merge import merged_weight
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(96, 64, generator=g)
+    up, down = torch.randn(96, 4, generator=g), torch.randn(4, 64, generator=g)
+    patch = Patch("x.weight", "lora", {"up": up.bfloat16(), "down": down.bfloat16()}, alpha=2.0)
+    before = w.clone()
+    got = merged_weight(torch.nn.Parameter(w, requires_grad=False), [(patch, 0.7)], "x.weight")
+    want = before + 0.7 * 0.5 * (up.bfloat16().float() @ down.bfloat16().float())
+    assert torch.equal(w, before)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    q = GGUFParameter(lib_gguf.quantize(w, "Q8_0"), "Q8_0", w.shape)
+    raw = q.data.clone()
+    got_q = merged_weight(q, [(patch, 0.7)], "x.weight")
+    torch.testing.assert_close(got_q, lib_gguf.dequantize(q, dtype=torch.float32) + (want - before),
+                               rtol=1e-5, atol=1e-5)
+    assert torch.equal(q.data, raw)
+    with pytest.raises(LoraError, match="inf or NaN"):
+        merged_weight(torch.nn.Parameter(w, requires_grad=False), [(patch, 1e38)], "x.weight")
+    assert torch.equal(w, before)
