@@ -2,6 +2,7 @@
 torch dequantizer and Forge's baked one, per format, on the CPU.
 
     python bench/dequant.py [--rows 3072 --cols 3072] [--threads 2] [--repeat 7]
+                            [--shapes flux,sdxl]
                             [--comfy /work/ref/comfy-gguf/dequant.py]
                             [--forge /work/ref/forge/packages_3rdparty/gguf]
                             [--formats Q4_0,Q4_K,...] [--backend auto|torch|numba]
@@ -15,7 +16,10 @@ ComfyUI-GGUF's ``dequant.py`` as a standalone module, and Forge's modified gguf
 package under the module name ``forge_gguf`` (it would clash with PyPI's ``gguf``),
 importing only its ``quants`` module and what that needs.
 Prints a markdown table of Mweights/s (median of the repeats; rounds of all
-contenders interleaved so machine noise hits them alike).
+contenders interleaved so machine noise hits them alike). With ``--shapes`` it
+prints instead, per format and weight shape (Flux's and SDXL's presets, or given),
+the ratios ours / ComfyUI-GGUF and ours / Forge, each format's smallest, and which
+fall short of issue 16's goals (1.5x ComfyUI-GGUF, 1.0x Forge, 1.2x Forge on Q4_K).
 """
 from __future__ import annotations
 
@@ -132,6 +136,8 @@ def main(argv=None):
     ap.add_argument("--forge", default="/work/ref/forge/packages_3rdparty/gguf")
     ap.add_argument("--formats", default="", help="comma-separated subset (default: every format we dequantize)")
     ap.add_argument("--backend", default="auto", choices=["auto", "torch", "numba"])
+    ap.add_argument("--shapes", default="", help="per-shape ratios instead: 'flux', 'sdxl', and/or RxC,... "
+                    "(weight shapes, rows = out features)")
     args = ap.parse_args(argv)
     from lib_gguf import backend as bk, numba_kernels
 
@@ -173,55 +179,135 @@ def main(argv=None):
            "ours/Forge | ours/numpy |")
     print(hdr)
     print("|" + "---|" * (hdr.count("|") - 1))
+    if args.shapes:
+        return by_shape(names, parse_shapes(args.shapes), args, comfy, forge)
     for name in names:
         fmt = F.get_format(name)
         if cols % fmt.block_size:
             continue
-        raw, source = make_bytes(name, rows, cols)
-        data = torch.from_numpy(np.ascontiguousarray(raw))
-        shape = (rows, cols)
-        fns = {"ours": lambda: dequantize(data, fmt.type_id, shape, torch.float16)}
-        compiled = args.backend != "torch" and fmt.kernels.numba_dequantize
-        if compiled:
-            def torch_only():
-                old = bk.set_backend("torch")
-                try:
-                    return dequantize(data, fmt.type_id, shape, torch.float16)
-                finally:
-                    bk.set_backend(old)
-
-            fns["torch"] = torch_only
-        qt = gguf.GGMLQuantizationType[name] if name in gguf.GGMLQuantizationType.__members__ else None
-        if comfy is not None and qt is not None and qt in comfy.dequantize_functions:
-            fns["comfy"] = lambda: comfy.dequantize(data, qt, shape, dtype=torch.float16)
-        fcls = getattr(forge, name, None) if forge is not None else None
-        if fcls is not None and "dequantize_blocks_pytorch" in _own_attrs(fcls):
-            p = _ForgeParam(data.clone(), shape, torch.float16)
-            fcls.bake(p)
-            fns["forge"] = lambda: fcls.dequantize_pytorch(p)
-        t = timeit(fns, args.repeat)
-        np_s = None
-        if qt is not None:
-            try:
-                np_s = timeit({"np": lambda: gguf.quants.dequantize(raw, qt)}, args.numpy_repeat)["np"]
-            except NotImplementedError:
-                pass
-        rate = {k: n / v / 1e6 for k, v in t.items()}
-        np_rate = n / np_s / 1e6 if np_s else None
-
-        def cell(r):
-            return f"{r:.0f}" if r is not None else "-"
+        rate, source, compiled = measure(name, rows, cols, args, comfy, forge)
+        np_rate = numpy_rate(name, rows, cols, args)
 
         def ratio(k_rate):
             return f"{rate['ours'] / k_rate:.2f}x" if k_rate else "-"
 
         print(
             f"| {name} | {source} | {rate['ours']:.0f}{' (numba)' if compiled else ''} | "
-            f"{cell(rate.get('torch', rate['ours']))} | {100 * rate['ours'] / ceiling:.0f}% | "
-            f"{cell(rate.get('comfy'))} | {cell(rate.get('forge'))} | {cell(np_rate)} | "
+            f"{_cell(rate.get('torch', rate['ours']))} | {100 * rate['ours'] / ceiling:.0f}% | "
+            f"{_cell(rate.get('comfy'))} | {_cell(rate.get('forge'))} | {_cell(np_rate)} | "
             f"{ratio(rate.get('comfy'))} | {ratio(rate.get('forge'))} | {ratio(np_rate)} |",
             flush=True,
         )
+
+
+def _cell(r):
+    return f"{r:.0f}" if r is not None else "-"
+
+
+def measure(name, rows, cols, args, comfy, forge):
+    """Mweights/s of every contender on one rows x cols tensor of ``name`` (rounds
+    interleaved), the bytes' source, and whether ours ran a compiled kernel."""
+    from lib_gguf import backend as bk
+
+    fmt = F.get_format(name)
+    raw, source = make_bytes(name, rows, cols)
+    data = torch.from_numpy(np.ascontiguousarray(raw))
+    shape = (rows, cols)
+    fns = {"ours": lambda: dequantize(data, fmt.type_id, shape, torch.float16)}
+    compiled = args.backend != "torch" and fmt.kernels.numba_dequantize
+    if compiled and not args.shapes:
+        def torch_only():
+            old = bk.set_backend("torch")
+            try:
+                return dequantize(data, fmt.type_id, shape, torch.float16)
+            finally:
+                bk.set_backend(old)
+
+        fns["torch"] = torch_only
+    qt = gguf.GGMLQuantizationType[name] if name in gguf.GGMLQuantizationType.__members__ else None
+    if comfy is not None and qt is not None and qt in comfy.dequantize_functions:
+        fns["comfy"] = lambda: comfy.dequantize(data, qt, shape, dtype=torch.float16)
+    fcls = getattr(forge, name, None) if forge is not None else None
+    if fcls is not None and "dequantize_blocks_pytorch" in _own_attrs(fcls):
+        p = _ForgeParam(data.clone(), shape, torch.float16)
+        fcls.bake(p)
+        fns["forge"] = lambda: fcls.dequantize_pytorch(p)
+    t = timeit(fns, args.repeat)
+    return {k: rows * cols / v / 1e6 for k, v in t.items()}, source, compiled
+
+
+def numpy_rate(name, rows, cols, args):
+    qt = gguf.GGMLQuantizationType[name] if name in gguf.GGMLQuantizationType.__members__ else None
+    if qt is None or not args.numpy_repeat:
+        return None
+    raw, _ = make_bytes(name, rows, cols)
+    try:
+        s = timeit({"np": lambda: gguf.quants.dequantize(raw, qt)}, args.numpy_repeat)["np"]
+    except NotImplementedError:
+        return None
+    return rows * cols / s / 1e6
+
+
+# weight shapes (rows = out features, cols = in features) as the models hold them
+SHAPES = {
+    "flux": [(3072, 3072), (9216, 3072), (12288, 3072), (3072, 12288), (21504, 3072), (3072, 15360),
+             (18432, 3072), (1024, 3072), (3072, 4096), (3072, 768), (3072, 256), (64, 3072)],
+    "sdxl": [(320, 320), (640, 640), (1280, 1280), (5120, 640), (640, 2560), (640, 2048), (10240, 1280),
+             (1280, 5120), (1280, 2048)],
+}
+
+
+def parse_shapes(text):
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if part in SHAPES:
+            out += [s for s in SHAPES[part] if s not in out]
+        elif part:
+            r, c = part.split("x")
+            out.append((int(r), int(c)))
+    return out
+
+
+def by_shape(names, shapes, args, comfy, forge, comfy_goal=1.5, forge_goal=1.0, q4k_forge_goal=1.2):
+    """Per format and shape, ours / ComfyUI-GGUF and ours / Forge (same run, rounds
+    interleaved), each format's smallest ratio, and whether it meets the goals."""
+    print("shapes (rows x cols): " + ", ".join(f"{r}x{c}" for r, c in shapes))
+    print("each cell: ours / ComfyUI-GGUF, ours / Forge ('-': the contender lacks the format; "
+          "'n/a': the width is not whole blocks)")
+    print()
+    hdr = "| format | " + " | ".join(f"{r}x{c}" for r, c in shapes) + " | min / Comfy | min / Forge | goals |"
+    print(hdr)
+    print("|" + "---|" * (hdr.count("|") - 1))
+    short = []
+    for name in names:
+        fmt = F.get_format(name)
+        cells, vs_c, vs_f = [], [], []
+        for rows, cols in shapes:
+            if cols % fmt.block_size:
+                cells.append("n/a")
+                continue
+            rate, _, _ = measure(name, rows, cols, args, comfy, forge)
+            rc = rate["ours"] / rate["comfy"] if "comfy" in rate else None
+            rf = rate["ours"] / rate["forge"] if "forge" in rate else None
+            if rc is not None:
+                vs_c.append((rc, f"{rows}x{cols}"))
+            if rf is not None:
+                vs_f.append((rf, f"{rows}x{cols}"))
+            cells.append(f"{rc:.2f} / {rf:.2f}" if rc and rf else f"{rc:.2f} / -" if rc
+                         else f"- / {rf:.2f}" if rf else f"{rate['ours']:.0f} Mw/s")
+        fg = q4k_forge_goal if name == "Q4_K" else forge_goal
+        misses = [f"Comfy {r:.2f}x at {s}" for r, s in vs_c if r < comfy_goal]
+        misses += [f"Forge {r:.2f}x at {s}" for r, s in vs_f if r < fg]
+        if misses:
+            short.append(f"{name}: " + ", ".join(misses))
+        mc = f"{min(vs_c)[0]:.2f}x" if vs_c else "-"
+        mf = f"{min(vs_f)[0]:.2f}x" if vs_f else "-"
+        goal = "-" if not (vs_c or vs_f) else ("met" if not misses else "short")
+        print(f"| {name} | " + " | ".join(cells) + f" | {mc} | {mf} | {goal} |", flush=True)
+    print()
+    print(f"goals: at least {comfy_goal}x ComfyUI-GGUF and {forge_goal}x Forge ({q4k_forge_goal}x on Q4_K) "
+          f"at every shape: " + ("met by every format" if not short else "short:\n  " + "\n  ".join(short)))
 
 
 def _gguf_version():

@@ -423,14 +423,15 @@ def _q3_k(x: torch.Tensor) -> torch.Tensor:
     return Q3_K.pack(hmask=hmask.to(torch.uint8), qs=pack_crumbs(L), scales=packed.to(torch.uint8), d=f16_bytes(d))
 
 
-register(GGMLType.Q2_K, layout=Q2_K, dequantize=_dq_q2_k, quantize=_q2_k, numba=("quantize",), triton=True,
+_COMPILED = ("quantize", "dequantize")  # kquant_numba.py, kquant_dequant_numba.py
+register(GGMLType.Q2_K, layout=Q2_K, dequantize=_dq_q2_k, quantize=_q2_k, numba=_COMPILED, triton=True,
          fallback=("Q5_0",))
-register(GGMLType.Q3_K, layout=Q3_K, dequantize=_dq_q3_k, quantize=_q3_k, numba=("quantize",), triton=True,
+register(GGMLType.Q3_K, layout=Q3_K, dequantize=_dq_q3_k, quantize=_q3_k, numba=_COMPILED, triton=True,
          fallback=("Q5_0",))
-register(GGMLType.Q4_K, layout=Q4_K, dequantize=_dq_q4_k, quantize=_q4_k, numba=("quantize",), triton=True,
+register(GGMLType.Q4_K, layout=Q4_K, dequantize=_dq_q4_k, quantize=_q4_k, numba=_COMPILED, triton=True,
          fallback=("Q5_0",))
-register(GGMLType.Q5_K, layout=Q5_K, dequantize=_dq_q5_k, quantize=_q5_k, numba=("quantize",), triton=True,
+register(GGMLType.Q5_K, layout=Q5_K, dequantize=_dq_q5_k, quantize=_q5_k, numba=_COMPILED, triton=True,
          fallback=("Q5_1",))
-register(GGMLType.Q6_K, layout=Q6_K, dequantize=_dq_q6_k, quantize=_q6_k, numba=("quantize",), triton=True,
+register(GGMLType.Q6_K, layout=Q6_K, dequantize=_dq_q6_k, quantize=_q6_k, numba=_COMPILED, triton=True,
          fallback=("Q8_0",))
 register(GGMLType.Q8_K, layout=Q8_K, dequantize=_dq_q8_k, triton=True)

@@ -1,0 +1,146 @@
+"""Compiled (numba) dequantizers of the K-quants Q2_K, Q3_K, Q4_K, Q5_K and Q6_K, on the
+layouts of :mod:`lib_gguf.families.kquant`: the same float32 operations in the same
+order as its torch kernels (the reference), so the same values bit for bit.
+
+One pass per 256-weight block, straight from the file's bytes to the output (float32,
+or float16 through :func:`~lib_gguf.numba_support.emit`): the torch kernels make
+several whole-tensor intermediates (unpacked codes, scales) and pay a fixed cost per
+chunk, which is most of their time on the small and medium weights of a model. (The
+quantizers are in :mod:`kquant_numba`.)
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..formats import GGMLType
+from ..numba_support import dequantizer, emit, f32, half, jit, pjit, prange
+from .kquant import Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
+
+_CHUNK = 128  # 256-weight blocks a parallel work item
+
+Q2_SC, Q2_QS, Q2_D, Q2_DMIN = Q2_K.scales.offset, Q2_K.qs.offset, Q2_K.d.offset, Q2_K.dmin.offset
+Q3_HM, Q3_QS, Q3_SC, Q3_D = Q3_K.hmask.offset, Q3_K.qs.offset, Q3_K.scales.offset, Q3_K.d.offset
+Q4_D, Q4_DMIN, Q4_SC, Q4_QS = Q4_K.d.offset, Q4_K.dmin.offset, Q4_K.scales.offset, Q4_K.qs.offset
+Q5_D, Q5_DMIN, Q5_SC, Q5_QH, Q5_QS = Q5_K.d.offset, Q5_K.dmin.offset, Q5_K.scales.offset, Q5_K.qh.offset, Q5_K.qs.offset
+Q6_QL, Q6_QH, Q6_SC, Q6_D = Q6_K.ql.offset, Q6_K.qh.offset, Q6_K.scales.offset, Q6_K.d.offset
+
+
+@jit
+def _scale_min(r, sc_off, j):
+    """Q4_K / Q5_K: sub-block ``j``'s 6-bit scale and min from the 12 packed bytes."""
+    if j < 4:
+        return np.int64(r[sc_off + j]) & 63, np.int64(r[sc_off + 4 + j]) & 63
+    hi = np.int64(r[sc_off + 4 + j])
+    sc = (hi & 0x0F) | ((np.int64(r[sc_off + j - 4]) >> 6) << 4)
+    mn = (hi >> 4) | ((np.int64(r[sc_off + j]) >> 6) << 4)
+    return sc, mn
+
+
+@jit
+def _dq_q2_k(r, tmp):
+    d = half(r[Q2_D], r[Q2_D + 1])
+    dmin = half(r[Q2_DMIN], r[Q2_DMIN + 1])
+    for e16 in range(16):  # 16 sub-blocks of 16: element e = 128 h + 32 s + l
+        sc = np.int64(r[Q2_SC + e16])
+        dl = f32(d * f32(sc & 0x0F))
+        ml = f32(dmin * f32(sc >> 4))
+        h, s = e16 // 8, (e16 // 2) % 4
+        base = Q2_QS + 32 * h + 16 * (e16 % 2)
+        for l in range(16):
+            q = (np.int64(r[base + l]) >> (2 * s)) & 3
+            tmp[16 * e16 + l] = f32(f32(f32(q) * dl) - ml)
+
+
+@jit
+def _dq_q3_k(r, tmp):
+    d = half(r[Q3_D], r[Q3_D + 1])
+    for e16 in range(16):
+        lo = (np.int64(r[Q3_SC + e16 % 8]) >> (4 * (e16 // 8))) & 0x0F
+        hi = (np.int64(r[Q3_SC + 8 + e16 % 4]) >> (2 * (e16 // 4))) & 0x03
+        dl = f32(d * f32((lo | (hi << 4)) - 32))
+        h, s = e16 // 8, (e16 // 2) % 4
+        for l16 in range(16):
+            e = 16 * e16 + l16
+            l = e % 32
+            q = (np.int64(r[Q3_QS + 32 * h + l]) >> (2 * s)) & 3
+            m = (np.int64(r[Q3_HM + l]) >> (e // 32)) & 1
+            tmp[e] = f32(f32((q | (m << 2)) - 4) * dl)
+
+
+@jit
+def _dq_q4_k(r, tmp):
+    d = half(r[Q4_D], r[Q4_D + 1])
+    dmin = half(r[Q4_DMIN], r[Q4_DMIN + 1])
+    for j in range(8):  # 8 sub-blocks of 32: low nibbles of 32 bytes, then their high nibbles
+        sc, mn = _scale_min(r, Q4_SC, j)
+        dl = f32(d * f32(sc))
+        ml = f32(dmin * f32(mn))
+        base = Q4_QS + 32 * (j // 2)
+        shift = 4 * (j % 2)
+        for l in range(32):
+            q = (np.int64(r[base + l]) >> shift) & 0x0F
+            tmp[32 * j + l] = f32(f32(f32(q) * dl) - ml)
+
+
+@jit
+def _dq_q5_k(r, tmp):
+    d = half(r[Q5_D], r[Q5_D + 1])
+    dmin = half(r[Q5_DMIN], r[Q5_DMIN + 1])
+    for j in range(8):
+        sc, mn = _scale_min(r, Q5_SC, j)
+        dl = f32(d * f32(sc))
+        ml = f32(dmin * f32(mn))
+        base = Q5_QS + 32 * (j // 2)
+        shift = 4 * (j % 2)
+        for l in range(32):
+            q = ((np.int64(r[base + l]) >> shift) & 0x0F) | (((np.int64(r[Q5_QH + l]) >> j) & 1) << 4)
+            tmp[32 * j + l] = f32(f32(f32(q) * dl) - ml)
+
+
+@jit
+def _dq_q6_k(r, tmp):
+    d = half(r[Q6_D], r[Q6_D + 1])
+    for e16 in range(16):
+        sc = np.int64(r[Q6_SC + e16])
+        dl = f32(d * f32(sc - 256 if sc > 127 else sc))
+        for l16 in range(16):
+            e = 16 * e16 + l16
+            h, rest = e // 128, e % 128
+            lo = (np.int64(r[Q6_QL + 64 * h + rest % 64]) >> (4 * (rest // 64))) & 0x0F
+            hi = (np.int64(r[Q6_QH + 32 * h + rest % 32]) >> (2 * (rest // 32))) & 0x03
+            tmp[e] = f32(f32((lo | (hi << 4)) - 32) * dl)
+
+
+@pjit
+def _drive(b, out, chunk, kind, table, ksign):
+    """The dequantizers' parallel loop: block function ``kind`` (2-6: Q2_K-Q6_K)."""
+    for c in prange((b.shape[0] + chunk - 1) // chunk):
+        tmp = np.empty(out.shape[1], np.float32)
+        for i in range(c * chunk, min(b.shape[0], c * chunk + chunk)):
+            if kind == 4:
+                _dq_q4_k(b[i], tmp)
+            elif kind == 6:
+                _dq_q6_k(b[i], tmp)
+            elif kind == 5:
+                _dq_q5_k(b[i], tmp)
+            elif kind == 3:
+                _dq_q3_k(b[i], tmp)
+            else:
+                _dq_q2_k(b[i], tmp)
+            emit(out, i, tmp)
+
+
+def _no_table():
+    return _NO_TABLE
+
+
+_NO_TABLE = np.zeros(1, dtype=np.float32)
+
+DEQUANTIZERS = {
+    GGMLType.Q2_K: dequantizer(_drive, 2, _CHUNK, _no_table),
+    GGMLType.Q3_K: dequantizer(_drive, 3, _CHUNK, _no_table),
+    GGMLType.Q4_K: dequantizer(_drive, 4, _CHUNK, _no_table),
+    GGMLType.Q5_K: dequantizer(_drive, 5, _CHUNK, _no_table),
+    GGMLType.Q6_K: dequantizer(_drive, 6, _CHUNK, _no_table),
+}
+QUANTIZERS: dict = {}
