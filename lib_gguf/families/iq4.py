@@ -158,6 +158,7 @@ def _iq4_xs(x: torch.Tensor) -> torch.Tensor:
     return IQ4_XS.pack(d=f16_bytes(d), scales_h=sh, scales_l=scales_l, qs=pack_nibbles(L))
 
 
-register(GGMLType.IQ4_NL, layout=IQ4_NL, dequantize=_dq_iq4_nl, quantize=_iq4_nl, numba=("quantize",), triton=True)
-register(GGMLType.IQ4_XS, layout=IQ4_XS, dequantize=_dq_iq4_xs, quantize=_iq4_xs, numba=("quantize",), triton=True,
+_COMPILED = ("quantize", "dequantize")  # iq4_numba.py, iq4_dequant_numba.py
+register(GGMLType.IQ4_NL, layout=IQ4_NL, dequantize=_dq_iq4_nl, quantize=_iq4_nl, numba=_COMPILED, triton=True)
+register(GGMLType.IQ4_XS, layout=IQ4_XS, dequantize=_dq_iq4_xs, quantize=_iq4_xs, numba=_COMPILED, triton=True,
          fallback=("IQ4_NL", "Q5_0"))

@@ -1,0 +1,65 @@
+"""Compiled (numba) dequantizers of IQ4_NL and IQ4_XS, on the layouts of
+:mod:`lib_gguf.families.iq4`: each 4-bit code's level times the block's (IQ4_NL) or
+sub-block's (IQ4_XS) scale in float32, as its torch kernels (the reference) compute
+it, so the same values bit for bit. One pass per block from the file's bytes to the
+output. (The quantizers are in :mod:`iq4_numba`.)
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+from ..formats import GGMLType
+from ..numba_support import dequantizer, emit, f32, half, jit, pjit, prange
+from .iq4 import IQ4_NL, IQ4_XS, LEVELS
+
+NL_D, NL_QS = IQ4_NL.d.offset, IQ4_NL.qs.offset
+XS_D, XS_SH, XS_SL, XS_QS = IQ4_XS.d.offset, IQ4_XS.scales_h.offset, IQ4_XS.scales_l.offset, IQ4_XS.qs.offset
+
+
+@lru_cache(maxsize=None)
+def _levels():
+    return np.array(LEVELS, dtype=np.float32)
+
+
+@jit
+def _dq_iq4_nl(r, tmp, levels):
+    d = half(r[NL_D], r[NL_D + 1])
+    for j in range(16):
+        q = np.int64(r[NL_QS + j])
+        tmp[j] = f32(d * levels[q & 0x0F])
+        tmp[16 + j] = f32(d * levels[q >> 4])
+
+
+@jit
+def _dq_iq4_xs(r, tmp, levels):
+    d = half(r[XS_D], r[XS_D + 1])
+    sh = np.int64(r[XS_SH]) | (np.int64(r[XS_SH + 1]) << 8)
+    for s in range(8):  # sub-blocks of 32: a 6-bit scale, minus 32
+        ls = ((np.int64(r[XS_SL + s // 2]) >> (4 * (s % 2))) & 0x0F) | (((sh >> (2 * s)) & 0x03) << 4)
+        dl = f32(d * f32(ls - 32))
+        for j in range(16):
+            q = np.int64(r[XS_QS + 16 * s + j])
+            tmp[32 * s + j] = f32(dl * levels[q & 0x0F])
+            tmp[32 * s + 16 + j] = f32(dl * levels[q >> 4])
+
+
+@pjit
+def _drive(b, out, chunk, kind, table, ksign):
+    """The dequantizers' parallel loop: ``kind`` 1 IQ4_NL, 2 IQ4_XS; ``table`` the 16 levels."""
+    for c in prange((b.shape[0] + chunk - 1) // chunk):
+        tmp = np.empty(out.shape[1], np.float32)
+        for i in range(c * chunk, min(b.shape[0], c * chunk + chunk)):
+            if kind == 1:
+                _dq_iq4_nl(b[i], tmp, table)
+            else:
+                _dq_iq4_xs(b[i], tmp, table)
+            emit(out, i, tmp)
+
+
+DEQUANTIZERS = {
+    GGMLType.IQ4_NL: dequantizer(_drive, 1, 1024, _levels),
+    GGMLType.IQ4_XS: dequantizer(_drive, 2, 128, _levels),
+}
+QUANTIZERS: dict = {}
