@@ -131,6 +131,11 @@ class _RuntimeHook:
             return out
         x = inputs[0]
         dtype = self.compute_dtype or x.dtype
+        if x.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+            # a CPU's half-precision matrix products are several times slower than its
+            # float32 ones: the small low-rank products run in float32 and are added
+            # to the output in place, rounding once
+            dtype = torch.float32
         xin = x.to(dtype)
         bias = getattr(module, "bias", None)
         for patch, si, up, down, full, dora in self._factors(x.device, dtype):
@@ -145,7 +150,7 @@ class _RuntimeHook:
                 base = target if bias is None else target - _region(bias.to(out), sl)
                 target.add_(((f - 1) * base + f * d.to(out.dtype)) * s)
             else:
-                target.add_(d.to(out.dtype), alpha=s)
+                target.add_(d, alpha=s)
         return out
 
     def remove(self):

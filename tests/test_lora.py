@@ -360,3 +360,28 @@ def test_fused_low_rank_merge_matches_the_formula_and_never_touches_the_weight()
     with pytest.raises(LoraError, match="inf or NaN"):
         merged_weight(torch.nn.Parameter(w, requires_grad=False), [(patch, 1e38)], "x.weight")
     assert torch.equal(w, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_runtime_lora_on_cpu_half_inputs_runs_in_float32_and_rounds_once(tmp_path, dtype):
+    """A CPU's half-precision matrix products are many times slower than float32 ones:
+    the run-time delta of a float16 / bfloat16 input is computed in float32 and added
+    to the layer's output in place, one rounding: exactly
+    ``(base.float() + s * (x.float() @ down.T) @ up.T).to(dtype)``."""
+    m = _model("Q8_0")
+    path, expected = _kohya(tmp_path)
+    name = "double_blocks.0.img_mlp.2.weight"
+    layer = m.get_submodule(name.rpartition(".")[0])
+    x = torch.randn(7, layer.in_features, generator=torch.Generator().manual_seed(5)).to(dtype)
+    base = layer(x)
+    lf = load_lora(path, SHAPES)
+    patch = lf.patches[name][0]
+    h = apply_loras(m, [(lf, 0.8)], mode="runtime")
+    got = layer(x)
+    h.remove()
+    up = patch.tensors["up"].flatten(1).float()
+    down = (patch.tensors["down"].flatten(1) * patch.scale).float()
+    want = base.float().add_((x.float() @ down.T) @ up.T, alpha=0.8).to(dtype)
+    assert got.dtype == dtype
+    assert torch.equal(got, want)
+    assert torch.equal(layer(x), base)
