@@ -113,6 +113,7 @@ F_EPS = f32(1e-15)          # ggml's GROUP_MAX_EPS
 F_FLT_MAX = f32(np.finfo(np.float32).max)
 F_MAGIC_LIMIT = f32(4194303.0)
 F_MAGIC = f32(12582912.0)   # 1.5 * 2**23: ggml's nearest_int adds it
+F_2M24 = f32(2.0 ** -24)    # the smallest half subnormal
 
 
 # -- scalar helpers ----------------------------------------------------------------------
@@ -177,35 +178,37 @@ def absmax_scale(x, out, i, d_off):
 
 @jit
 def f16_bits(v):
-    """float32 -> IEEE half bits, round to nearest even (as F16C does)."""
-    a = abs(float(v))
-    s = 0x8000 if (v < 0 or (v == 0 and math.copysign(1.0, v) < 0)) else 0
-    if a != a:
-        return s | 0x7E00
-    if a >= 65520.0:
-        return s | 0x7C00
-    if a < 6.103515625e-05:           # 2**-14: a subnormal half (or 2**-14 itself)
-        return s | int(np.rint(a * 16777216.0))
-    m, e = math.frexp(a)
-    q = int(np.rint(m * 2048.0))       # 11 significant bits
-    if q == 2048:
-        q = 1024
-        e += 1
-    return s | ((e + 14) << 10) | (q - 1024)
+    """float32 -> IEEE half bits, round to nearest even, as F16C and torch do (a NaN
+    becomes the quiet NaN 0x7E00 with its sign). Integer work on the float's bits: the
+    quantizers store a scale per block, and this is cheaper than frexp/ldexp there."""
+    b = np.int64(f32(v).view(np.uint32))
+    s = (b >> 16) & 0x8000
+    a = b & 0x7FFFFFFF
+    if a >= 0x38800000:                   # |v| >= 2**-14: a normal half, inf or NaN
+        if a >= 0x477FF000:               # |v| >= 65520 (rounds past 65504), inf, NaN
+            return s | (0x7E00 if a > 0x7F800000 else 0x7C00)
+        r = a - 0x38000000                # exponent rebiased from 127 to 15
+        return s | ((r + 0xFFF + ((r >> 13) & 1)) >> 13)   # drop 13 bits, ties to even
+    if a < 0x33000000:                    # |v| <= 2**-25 (a tie at it, to even): zero
+        return s
+    shift = 126 - (a >> 23)               # 14..24: the half's unit 2**-24 in the mantissa
+    m = (a & 0x7FFFFF) | 0x800000
+    return s | ((m + ((1 << (shift - 1)) - 1) + ((m >> shift) & 1)) >> shift)
 
 
 @jit
 def f16_value(h):
-    """IEEE half bits -> float32."""
+    """IEEE half bits -> float32 (exact: built from the bits; a NaN is 0x7FC00000 with
+    the half's sign)."""
+    s = (np.int64(h) & 0x8000) << 16
     e = (h >> 10) & 0x1F
-    m = h & 0x3FF
+    m = np.int64(h) & 0x3FF
     if e == 0:
-        v = math.ldexp(float(m), -24)
-    elif e == 31:
-        v = math.inf if m == 0 else math.nan
-    else:
-        v = math.ldexp(float(m + 1024), e - 25)
-    return f32(-v if h & 0x8000 else v)
+        v = f32(f32(m) * F_2M24)
+        return -v if s else v
+    if e == 31:
+        return np.uint32(s | 0x7F800000 | (0x400000 if m else 0)).view(np.float32)
+    return np.uint32(s | ((np.int64(e) + 112) << 23) | (m << 13)).view(np.float32)
 
 
 @jit
@@ -295,21 +298,35 @@ _WORKQUEUE_LOCK = threading.Lock()
 _layer: list = [None]  # the threading layer, known after the first parallel launch
 
 
-def _set_threads():
-    """As many numba threads as torch uses, for launches from this thread."""
+def _set_threads() -> int:
+    """As many numba threads as torch uses, for launches from this thread; returns
+    torch's count, which :func:`launch` puts back after the kernel."""
     import torch
 
-    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    torch_threads = torch.get_num_threads()
+    threads = max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))
     if numba.get_num_threads() != threads:
         numba.set_num_threads(threads)
+    return torch_threads
+
+
+def _keep_torch_threads(torch_threads: int) -> None:
+    """Starting numba's OpenMP pool (its first launch) resets the OpenMP thread count
+    that torch reads: a user's ``torch.set_num_threads(1)`` would silently become every
+    core, for torch and, from the next launch, for numba. Put torch's count back."""
+    import torch
+
+    if torch.get_num_threads() != torch_threads:
+        torch.set_num_threads(torch_threads)
 
 
 def launch(kernel, *args) -> None:
     """Run the parallel ``kernel(*args)``; launches take turns only under numba's
     workqueue layer (and for the first one, until the layer is known)."""
-    _set_threads()
+    torch_threads = _set_threads()
     if _layer[0] not in (None, "workqueue"):
         kernel(*args)
+        _keep_torch_threads(torch_threads)
         return
     with _WORKQUEUE_LOCK:
         kernel(*args)
@@ -318,6 +335,7 @@ def launch(kernel, *args) -> None:
                 _layer[0] = numba.threading_layer()
             except ValueError:  # no parallel region ran
                 pass
+    _keep_torch_threads(torch_threads)
 
 
 @jit

@@ -407,3 +407,28 @@ def test_compiled_kernels_are_recompiled_when_their_layout_changes(tmp_path):
     layout = tmp_path / "lib_gguf" / "families" / "ternary.py"
     os.utime(layout, ns=(layout.stat().st_atime_ns, layout.stat().st_mtime_ns + 10 ** 9))
     assert hits() == "0", "a change to the layout's file must not reuse the compiled kernel"
+
+
+_TORCH_THREADS_SCRIPT = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import numba, lib_gguf
+torch.set_num_threads(1)
+x = torch.randn(64, 256)
+for _ in range(2):
+    lib_gguf.dequantize(lib_gguf.quantize(x, "Q4_K"), "Q4_K", (64, 256))
+    print(torch.get_num_threads(), numba.get_num_threads())
+"""
+
+
+def test_compiled_kernels_keep_the_users_torch_thread_count():
+    """Starting numba's OpenMP pool resets the OpenMP thread count torch reads: a
+    ``torch.set_num_threads(1)`` must stay 1 for torch and for the kernels after it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    r = subprocess.run([sys.executable, "-c", _TORCH_THREADS_SCRIPT, str(Path(__file__).resolve().parents[1])],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["1", "1", "1", "1"], r.stdout
