@@ -104,7 +104,8 @@ def test_runtime_factors_follow_the_layer_device():
     lin(x.double().float().half().float())
     lin.half()
     out16 = lin(x.half())
-    assert len(hook._cache) == 1 and next(iter(hook._cache)) == (x.device, torch.float16)
+    # one copy; on the CPU a half-precision layer's low-rank products run in float32
+    assert len(hook._cache) == 1 and next(iter(hook._cache)) == (x.device, torch.float32)
     assert torch.allclose(out16.float(), ref, atol=2e-2)
     hook.remove()
 

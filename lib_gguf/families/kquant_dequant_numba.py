@@ -99,16 +99,20 @@ def _dq_q5_k(r, tmp):
 
 @jit
 def _dq_q6_k(r, tmp):
+    """Per half (128 weights) and column l: two ``ql`` bytes and one ``qh`` byte give the
+    weights at l, l + 32, l + 64 and l + 96 (low 4 bits, then 2 high bits each)."""
     d = half(r[Q6_D], r[Q6_D + 1])
-    for e16 in range(16):
-        sc = np.int64(r[Q6_SC + e16])
-        dl = f32(d * f32(sc - 256 if sc > 127 else sc))
-        for l16 in range(16):
-            e = 16 * e16 + l16
-            h, rest = e // 128, e % 128
-            lo = (np.int64(r[Q6_QL + 64 * h + rest % 64]) >> (4 * (rest // 64))) & 0x0F
-            hi = (np.int64(r[Q6_QH + 32 * h + rest % 32]) >> (2 * (rest // 32))) & 0x03
-            tmp[e] = f32(f32((lo | (hi << 4)) - 32) * dl)
+    for h in range(2):
+        for l in range(32):
+            a = np.int64(r[Q6_QL + 64 * h + l])
+            b = np.int64(r[Q6_QL + 64 * h + 32 + l])
+            qh = np.int64(r[Q6_QH + 32 * h + l])
+            for s in range(4):
+                lo = (a if s % 2 == 0 else b) >> (4 * (s // 2)) & 0x0F
+                e = 128 * h + 32 * s + l
+                sc = np.int64(r[Q6_SC + e // 16])
+                dl = f32(d * f32(sc - 256 if sc > 127 else sc))
+                tmp[e] = f32(f32((lo | (((qh >> (2 * s)) & 0x03) << 4)) - 32) * dl)
 
 
 @pjit
