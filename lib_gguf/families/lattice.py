@@ -192,9 +192,9 @@ def _bytes_of(v: torch.Tensor, width: int) -> torch.Tensor:
 
 
 @quant_chunks(_CHUNK)
-def quantize_iq3_xxs(x: torch.Tensor, fit=None) -> torch.Tensor:
+def quantize_iq3_xxs(x: torch.Tensor) -> torch.Tensor:
     n = x.shape[0]
-    gi, signs, skipped, dh, l, live = fit_blocks(x, SPECS["IQ3_XXS"], 1.0125, fit)   # gi: (n*8, 8)
+    gi, signs, skipped, dh, l, live = fit_blocks(x, SPECS["IQ3_XXS"], 1.0125)   # gi: (n*8, 8)
     gi = torch.where(skipped[:, None], torch.zeros_like(gi), gi)
     s4 = signs.reshape(n * 8, 4)
     packed = s4[:, 0] | (s4[:, 1] << 7) | (s4[:, 2] << 14) | (s4[:, 3] << 21)
@@ -205,9 +205,9 @@ def quantize_iq3_xxs(x: torch.Tensor, fit=None) -> torch.Tensor:
 
 
 @quant_chunks(_CHUNK)
-def quantize_iq3_s(x: torch.Tensor, fit=None) -> torch.Tensor:
+def quantize_iq3_s(x: torch.Tensor) -> torch.Tensor:
     n = x.shape[0]
-    gi, signs, skipped, dh, l, _ = fit_blocks(x, SPECS["IQ3_S"], 1.033, fit)
+    gi, signs, skipped, dh, l, _ = fit_blocks(x, SPECS["IQ3_S"], 1.033)
     gi = gi.reshape(n, 8, 8)                                          # (block, sub, group)
     sg = signs.reshape(n, 8, 4)
     live_sub = ~skipped.reshape(n, 8)
@@ -228,9 +228,9 @@ def quantize_iq3_s(x: torch.Tensor, fit=None) -> torch.Tensor:
 
 
 @quant_chunks(_CHUNK)
-def quantize_iq2_s(x: torch.Tensor, fit=None) -> torch.Tensor:
+def quantize_iq2_s(x: torch.Tensor) -> torch.Tensor:
     n = x.shape[0]
-    gi, signs, skipped, dh, l, _ = fit_blocks(x, SPECS["IQ2_S"], 0.9875, fit)
+    gi, signs, skipped, dh, l, _ = fit_blocks(x, SPECS["IQ2_S"], 0.9875)
     live_g = (~skipped).repeat_interleave(2).reshape(n, 32)
     gi = gi.reshape(n, 32) * live_g                                   # 16 sub-blocks x 2 groups
     sg = signs.reshape(n, 32) * live_g
@@ -244,12 +244,12 @@ _IQ1M_MASKS = (0x00, 0x80, 0x08, 0x88)  # the delta-sign bits of a qh byte, by s
 
 
 @quant_chunks(_CHUNK)
-def quantize_iq1_m(x: torch.Tensor, fit=None) -> torch.Tensor:
+def quantize_iq1_m(x: torch.Tensor) -> torch.Tensor:
     dev = x.device
     n = x.shape[0]
     m = n * 16
     xs = x.reshape(m, 16)
-    scale, bk, gi, skipped = (fit or fit_iq1m_sub_blocks)(xs)
+    scale, bk, gi, skipped = fit_iq1m_sub_blocks(xs)
     # ggml leaves the shift of a sub-block it skips (all |x| < 1e-7) unset; the ggml
     # build that made our oracle reads it as 0, so a skipped sub-block gets shift 0
     # (no mask bits).

@@ -18,7 +18,8 @@ Everything here runs vectorized over all sub-blocks at once, in float32, with th
 per-weight sums taken in element order as C takes them, so the bytes are ggml's.
 The neighbour lists are built here from the grids of
 :mod:`lib_gguf.families.lattice_grids`, sorted by (distance, index), as ggml orders
-them. :mod:`lib_gguf.families.lattice_numba` computes the same fits, compiled.
+them. The compiled quantizers (:mod:`lib_gguf.families.lattice_search_numba`,
+:mod:`lib_gguf.families.lattice_iq1m_numba`) compute the same fits.
 """
 from __future__ import annotations
 
@@ -147,7 +148,6 @@ def fit_sub_blocks(x: torch.Tensor, spec: Spec):
     tabs = tables(spec.grid, spec.kmaxq, spec.bits, spec.nwant, dev)
     kmap, lev, odd = tabs.kmap, tabs.lev, tabs.odd
     S, D = spec.sub, spec.dim
-    nblk = x.shape[0]
     xs = x.reshape(-1, S)
     m = xs.shape[0]
     ng = S // D
@@ -260,14 +260,11 @@ def fit_sub_blocks(x: torch.Tensor, spec: Spec):
     return scale, L, signs, skipped, kmap
 
 
-def fit_blocks(x: torch.Tensor, spec: Spec, fudge: float, fit=None):
+def fit_blocks(x: torch.Tensor, spec: Spec, fudge: float):
     """Everything a lattice format stores, before packing: grid indices (m, groups),
     signs (m, sub/8), skipped (m,), the fp16-bound block scale (n,), the 4-bit
-    sub-block scales (n, per) and whether each block has any (n,).
-
-    ``fit`` replaces :func:`fit_sub_blocks` (the compiled fit of
-    :mod:`lib_gguf.families.lattice_numba` gives the same outputs)."""
-    scale, L, signs, skipped, kmap = (fit or fit_sub_blocks)(x, spec)
+    sub-block scales (n, per) and whether each block has any (n,)."""
+    scale, L, signs, skipped, kmap = fit_sub_blocks(x, spec)
     m = L.shape[0]
     shifts = spec.bits * torch.arange(spec.dim, device=L.device)
     gi = kmap[(L.reshape(m, -1, spec.dim) << shifts).sum(-1)]
