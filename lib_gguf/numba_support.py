@@ -375,18 +375,19 @@ def quantizer(kernel, type_size: int, leaves_to=None):
     return quantize
 
 
-def dequantizer(drive, kind: int, chunk: int, table, ksign=None):
+def dequantizer(drive, kind: int, chunk: int, table=None, ksign=None):
     """A dequantizer ``fn(blocks, block_size, dtype)`` (CPU uint8 torch tensor (n, type_size)
     -> (n, block_size) float32 or float16) from a family's parallel ``drive(b, out, chunk,
     kind, table, ksign)``; ``table()`` and ``ksign()`` give the lookup tables (a dummy
-    where there is none)."""
+    is passed where there is none)."""
     def dequantize(blocks, block_size: int, dtype):
         import torch
 
         b = blocks.contiguous().numpy()
         out = np.empty((b.shape[0], block_size), dtype=np.uint16 if dtype == torch.float16 else np.float32)
         if b.shape[0]:
-            launch(drive, b, out, chunk, kind, table(), ksign() if ksign is not None else _DUMMY_KSIGN)
+            launch(drive, b, out, chunk, kind, table() if table is not None else _DUMMY_TABLE,
+                   ksign() if ksign is not None else _DUMMY_KSIGN)
         t = torch.from_numpy(out)
         return t.view(torch.float16) if dtype == torch.float16 else t
 
@@ -394,3 +395,4 @@ def dequantizer(drive, kind: int, chunk: int, table, ksign=None):
 
 
 _DUMMY_KSIGN = np.zeros(1, dtype=np.int64)
+_DUMMY_TABLE = np.zeros(1, dtype=np.float32)

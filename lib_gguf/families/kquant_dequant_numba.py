@@ -68,32 +68,22 @@ def _dq_q3_k(r, tmp):
 
 
 @jit
-def _dq_q4_k(r, tmp):
-    d = half(r[Q4_D], r[Q4_D + 1])
-    dmin = half(r[Q4_DMIN], r[Q4_DMIN + 1])
-    for j in range(8):  # 8 sub-blocks of 32: low nibbles of 32 bytes, then their high nibbles
-        sc, mn = _scale_min(r, Q4_SC, j)
+def _dq_q45_k(r, tmp, five):
+    """Q4_K (``five`` False) and Q5_K: 8 sub-blocks of 32, low nibbles of 32 bytes then their
+    high nibbles; Q5_K's fifth bit j of sub-block j from ``qh``."""
+    d_off, dmin_off, sc_off, qs_off = (Q5_D, Q5_DMIN, Q5_SC, Q5_QS) if five else (Q4_D, Q4_DMIN, Q4_SC, Q4_QS)
+    d = half(r[d_off], r[d_off + 1])
+    dmin = half(r[dmin_off], r[dmin_off + 1])
+    for j in range(8):
+        sc, mn = _scale_min(r, sc_off, j)
         dl = f32(d * f32(sc))
         ml = f32(dmin * f32(mn))
-        base = Q4_QS + 32 * (j // 2)
+        base = qs_off + 32 * (j // 2)
         shift = 4 * (j % 2)
         for l in range(32):
             q = (np.int64(r[base + l]) >> shift) & 0x0F
-            tmp[32 * j + l] = f32(f32(f32(q) * dl) - ml)
-
-
-@jit
-def _dq_q5_k(r, tmp):
-    d = half(r[Q5_D], r[Q5_D + 1])
-    dmin = half(r[Q5_DMIN], r[Q5_DMIN + 1])
-    for j in range(8):
-        sc, mn = _scale_min(r, Q5_SC, j)
-        dl = f32(d * f32(sc))
-        ml = f32(dmin * f32(mn))
-        base = Q5_QS + 32 * (j // 2)
-        shift = 4 * (j % 2)
-        for l in range(32):
-            q = ((np.int64(r[base + l]) >> shift) & 0x0F) | (((np.int64(r[Q5_QH + l]) >> j) & 1) << 4)
+            if five:
+                q |= ((np.int64(r[Q5_QH + l]) >> j) & 1) << 4
             tmp[32 * j + l] = f32(f32(f32(q) * dl) - ml)
 
 
@@ -122,11 +112,11 @@ def _drive(b, out, chunk, kind, table, ksign):
         tmp = np.empty(out.shape[1], np.float32)
         for i in range(c * chunk, min(b.shape[0], c * chunk + chunk)):
             if kind == 4:
-                _dq_q4_k(b[i], tmp)
+                _dq_q45_k(b[i], tmp, False)
             elif kind == 6:
                 _dq_q6_k(b[i], tmp)
             elif kind == 5:
-                _dq_q5_k(b[i], tmp)
+                _dq_q45_k(b[i], tmp, True)
             elif kind == 3:
                 _dq_q3_k(b[i], tmp)
             else:
@@ -134,17 +124,11 @@ def _drive(b, out, chunk, kind, table, ksign):
             emit(out, i, tmp)
 
 
-def _no_table():
-    return _NO_TABLE
-
-
-_NO_TABLE = np.zeros(1, dtype=np.float32)
-
 DEQUANTIZERS = {
-    GGMLType.Q2_K: dequantizer(_drive, 2, _CHUNK, _no_table),
-    GGMLType.Q3_K: dequantizer(_drive, 3, _CHUNK, _no_table),
-    GGMLType.Q4_K: dequantizer(_drive, 4, _CHUNK, _no_table),
-    GGMLType.Q5_K: dequantizer(_drive, 5, _CHUNK, _no_table),
-    GGMLType.Q6_K: dequantizer(_drive, 6, _CHUNK, _no_table),
+    GGMLType.Q2_K: dequantizer(_drive, 2, _CHUNK),
+    GGMLType.Q3_K: dequantizer(_drive, 3, _CHUNK),
+    GGMLType.Q4_K: dequantizer(_drive, 4, _CHUNK),
+    GGMLType.Q5_K: dequantizer(_drive, 5, _CHUNK),
+    GGMLType.Q6_K: dequantizer(_drive, 6, _CHUNK),
 }
 QUANTIZERS: dict = {}

@@ -69,13 +69,6 @@ def _drive(b, out, chunk, kind, table, ksign):
             emit(out, i, tmp)
 
 
-_NO_TABLE = np.zeros(1, dtype=np.float32)
-
-
-def _no_table():
-    return _NO_TABLE
-
-
-DEQUANTIZERS = {t: dequantizer(_drive, kind, _CHUNK, _no_table)
+DEQUANTIZERS = {t: dequantizer(_drive, kind, _CHUNK)
                 for t, kind in ((GGMLType.Q4_1, 41), (GGMLType.Q5_0, 50), (GGMLType.Q5_1, 51))}
 QUANTIZERS: dict = {}
