@@ -103,6 +103,57 @@ else:  # pragma: no cover
     pjit = jit_inline = jit
 
 
+# -- stack arrays ---------------------------------------------------------------------------
+# A kernel's small scratch arrays made with np.empty live on the heap, and LLVM cannot tell
+# that two of them (or one and an argument) never overlap: every store to one may change
+# any other, so a loop over 16 independent sub-blocks keeps its sums in memory and runs
+# one lane at a time. An array in the function's own stack frame is a distinct object to
+# LLVM: the same loop becomes vector instructions (measured: the Q4_K fit's loops went
+# from scalar ``vroundss`` to ``vroundps``). Such an array must not outlive the function
+# that made it (never return it or store it in another array).
+
+def _stack_py(dtype):
+    def stack(rows, cols):
+        return np.empty((rows, cols), dtype=dtype)
+
+    return stack
+
+
+stack_f32 = _stack_py(np.float32)
+stack_i64 = _stack_py(np.int64)
+if numba is not None:
+    from numba import types as _types
+    from numba.core import cgutils as _cgutils
+    from numba.extending import intrinsic as _intrinsic
+
+    def _stack(item):
+        """``stack(rows, cols)``: a (rows, cols) C array of ``item`` in the calling function's
+        stack frame; rows and cols must be constants in the kernel's source."""
+        @_intrinsic
+        def stack(typingctx, rows, cols):
+            if not (isinstance(rows, _types.IntegerLiteral) and isinstance(cols, _types.IntegerLiteral)):
+                return None
+            nr, nc = rows.literal_value, cols.literal_value
+            arrty = _types.Array(item, 2, "C")
+
+            def codegen(context, builder, sig, args):
+                intp = context.get_value_type(_types.intp)
+                size = context.get_abi_sizeof(context.get_value_type(item))
+                data = _cgutils.alloca_once(builder, context.get_value_type(item), size=nr * nc)
+                ary = context.make_array(arrty)(context, builder)
+                context.populate_array(ary, data=data, shape=_cgutils.pack_array(builder, [intp(nr), intp(nc)]),
+                                       strides=_cgutils.pack_array(builder, [intp(size * nc), intp(size)]),
+                                       itemsize=intp(size), meminfo=None)
+                return ary._getvalue()
+
+            return arrty(rows, cols), codegen
+
+        return stack
+
+    stack_f32 = _stack(_types.float32)
+    stack_i64 = _stack(_types.int64)
+
+
 f32 = np.float32
 F0 = f32(0.0)
 F1 = f32(1.0)
@@ -336,15 +387,6 @@ def launch(kernel, *args) -> None:
             except ValueError:  # no parallel region ran
                 pass
     _keep_torch_threads(torch_threads)
-
-
-@jit
-def scratch():
-    """The quantizers' per-work-item scratch (separate arrays, which LLVM knows do not
-    overlap): levels L (256) and Laux (32) int64, weights w (32), scales and mins (16
-    each) float32, packed scale bytes sc (12) int64."""
-    return (np.empty(256, dtype=np.int64), np.empty(32, dtype=np.int64), np.empty(32, dtype=np.float32),
-            np.empty(16, dtype=np.float32), np.empty(16, dtype=np.float32), np.empty(12, dtype=np.int64))
 
 
 def quantizer(kernel, type_size: int, leaves_to=None):

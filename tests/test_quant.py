@@ -48,7 +48,7 @@ def test_byte_identical_to_ggml(oracle, fmt, backend):
         assert len(bad) == 0, f"{fmt} {kind}: {len(bad)} of {len(ref)} blocks differ, first {bad[:5]}"
 
 
-@pytest.mark.parametrize("fmt", ["Q2_K", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("fmt", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
 def test_compiled_k_quants_leave_non_finite_blocks_to_the_torch_kernel(fmt):
     """The side-by-side numba fits skip a block with an infinite weight; the torch kernel
     (the reference) writes it, so both paths give the same bytes, block for block. (On a

@@ -2,22 +2,28 @@
 layouts of :mod:`lib_gguf.families.kquant`: the same bytes as its torch quantizers
 (the reference) and as ggml, spread over threads.
 
-Q2_K, Q4_K, Q5_K and Q6_K fit many sub-blocks side by side (see "the fits" below) and
-leave the blocks that hold a non-finite weight to the torch kernel; Q3_K, whose fit
-changes one weight at a time, runs each block as a plain loop."""
+Every format fits the 16 sub-blocks of a block (Q4_K and Q5_K: of two blocks) side by
+side, one per column (see "the fits" below), in stack arrays (``stack_f32``) so that
+the column loops become vector instructions, and leaves the blocks that hold a
+non-finite weight, or a value past nearest_int's exact range, to the torch kernel.
+Q3_K's fit changes one weight at a time; its 16 columns take those steps together."""
 from __future__ import annotations
 
 import numpy as np
 
 from ..formats import GGMLType
-from ..numba_support import (F0, F1, F_EPS, F_MAGIC_LIMIT, F_TENTH, f32, jit, nearest_int, pjit, prange, put_f16,
-                             quantizer, scratch, signed_absmax)
+from ..numba_support import (F0, F1, F_EPS, F_MAGIC_LIMIT, F_TENTH, f32, jit, jit_inline, nearest_int, pjit, prange, put_f16,
+                             quantizer, signed_absmax, stack_f32, stack_i64)
 from .kquant import Q2_K, Q3_K, Q4_K, Q5_K, Q6_K
 
 F15 = f32(15.0)
 F32 = f32(32.0)
 F63 = f32(63.0)
 F128 = f32(128.0)
+F3 = f32(3.0)
+F4 = f32(4.0)
+F_M4 = f32(-4.0)
+F_NAN = f32(np.nan)
 _CHUNK = 16  # blocks a parallel work item
 
 # the byte offsets of the fields the kernels write (numba takes module ints as constants)
@@ -69,17 +75,42 @@ def _k_scale_min(sc, j):
 # the caller quantizes it with the torch kernel (the reference) instead.
 
 
-@jit
-def qkx2_lanes(xt, w, fn, rmin, rdelta, nstep, use_mad, L, Laux, st):
-    """ggml's make_qkx2_quants on every column of ``xt`` (n, G), weights ``w``.
+@jit_inline
+def _track_big(iscale, mx, lo, mn, big, G):
+    """The largest ``|iscale * (x - mn)|`` of each column into ``big``: the rounded products
+    grow with x, so the extremes are those of the column's largest and smallest weight
+    (the same float operations, so the same values as a pass over every weight)."""
+    for g in range(G):
+        a = abs(iscale[g] * (mx[g] - mn[g]))
+        b = abs(iscale[g] * (lo[g] - mn[g]))
+        big[g] = max(big[g], max(a, b))
 
-    Fills ``L`` (n, G) with the codes; ``st`` (12, G) is scratch whose row 0 ends as
-    the fitted minimum and row 10 as the fitted scale. A flat column (max == min)
-    comes back with its minimum and no usable scale: the caller zeroes it. Returns
-    True when a rounded value reached 2**22."""
-    n, G = xt.shape
+
+@jit
+def qkx2_lanes(xt_in, w_in, fn, rmin, rdelta, nstep, use_mad, L_out, st_out):
+    """ggml's make_qkx2_quants on every column of ``xt_in`` (n, 16), n <= 32, weights ``w_in``.
+
+    Fills ``L_out`` (n, 16) with the codes and ``st_out`` (12, 16): row 0 the fitted
+    minimum, row 10 the fitted scale. A flat column (max == min) comes back with its
+    minimum and no usable scale: the caller zeroes it. Returns True when a rounded value
+    reached 2**22. The work is done on copies in stack arrays (see ``stack_f32``), so
+    that the column loops run as vector instructions."""
+    n = min(32, xt_in.shape[0])
+    # 16 columns; taken from an argument (LLVM must not see the constant, or it unrolls the
+    # small column loops whole into scalar code instead of making them vector loops)
+    G = min(16, st_out.shape[1])
+    xt = stack_f32(32, 16)
+    w = stack_f32(32, 16)
+    Laux = stack_f32(32, 16)
+    st = stack_f32(15, 16)
+    for i in range(n):
+        for g in range(G):
+            xt[i, g] = xt_in[i, g]
+            w[i, g] = w_in[i, g]
     mn, mx, sum_w, sum_x, best, iscale = st[0], st[1], st[2], st[3], st[4], st[5]
     sl, sl2, sxl, mad, scale, big = st[6], st[7], st[8], st[9], st[10], st[11]
+    l_iscale, l_mn = st[12], st[13]  # the winning codes are clamp(rint(l_iscale * (x - l_mn)))
+    lo = st[14]                      # the column's own minimum
     for g in range(G):
         mn[g] = xt[0, g]
         mx[g] = xt[0, g]
@@ -94,16 +125,19 @@ def qkx2_lanes(xt, w, fn, rmin, rdelta, nstep, use_mad, L, Laux, st):
             sum_w[g] = sum_w[g] + w[i, g]
             sum_x[g] = sum_x[g] + w[i, g] * v
     for g in range(G):
+        lo[g] = mn[g]
         mn[g] = F0 if mn[g] > F0 else mn[g]
         iscale[g] = fn / (mx[g] - mn[g])
         scale[g] = F1 / iscale[g]
         best[g] = F0
+    _track_big(iscale, mx, lo, mn, big, G)
+    for g in range(G):
+        l_iscale[g] = iscale[g]
+        l_mn[g] = mn[g]
     for i in range(n):
         for g in range(G):
             v = iscale[g] * (xt[i, g] - mn[g])
-            big[g] = max(big[g], abs(v))
             l = min(max(np.rint(v), F0), fn)
-            L[i, g] = l
             diff = (scale[g] * l + mn[g]) - xt[i, g]
             diff = abs(diff) if use_mad else diff * diff
             best[g] = best[g] + w[i, g] * diff
@@ -114,46 +148,48 @@ def qkx2_lanes(xt, w, fn, rmin, rdelta, nstep, use_mad, L, Laux, st):
             sl[g] = F0
             sl2[g] = F0
             sxl[g] = F0
+        _track_big(iscale, mx, lo, mn, big, G)
         for i in range(n):
             for g in range(G):
                 v = iscale[g] * (xt[i, g] - mn[g])
-                big[g] = max(big[g], abs(v))
                 l = min(max(np.rint(v), F0), fn)
                 Laux[i, g] = l
                 wl = w[i, g] * l
                 sl[g] = sl[g] + wl
                 sl2[g] = sl2[g] + wl * l
                 sxl[g] = sxl[g] + wl * xt[i, g]
-        tried = False
+        # every column's fit at once, without branches (so as vector instructions): where
+        # ggml finds no fit (D <= 0) the fit is NaN, whose error never wins below
         for g in range(G):
             D = sum_w[g] * sl2[g] - sl[g] * sl[g]
-            if D > F0:
-                tried = True
-                this_scale = (sum_w[g] * sxl[g] - sum_x[g] * sl[g]) / D
-                this_min = (sl2[g] * sum_x[g] - sl[g] * sxl[g]) / D
-                if this_min > F0:
-                    this_min = F0
-                    this_scale = sxl[g] / sl2[g]
-                sl[g] = this_scale             # rows 6 and 7 now hold this step's fit
-                sl2[g] = this_min
-            else:                              # no fit: a NaN error never wins below
-                sl[g] = np.nan
-                sl2[g] = np.nan
+            this_scale = (sum_w[g] * sxl[g] - sum_x[g] * sl[g]) / D
+            this_min = (sl2[g] * sum_x[g] - sl[g] * sxl[g]) / D
+            only_scale = sxl[g] / sl2[g]       # the fit with its minimum held at 0
+            clamp = this_min > F0
+            this_scale = only_scale if clamp else this_scale
+            this_min = F0 if clamp else this_min
+            fits = D > F0
+            sl[g] = this_scale if fits else F_NAN   # rows 6 and 7 now hold this step's fit
+            sl2[g] = this_min if fits else F_NAN
             mad[g] = F0
-        if not tried:
-            continue
         for i in range(n):
             for g in range(G):
                 diff = (sl[g] * Laux[i, g] + sl2[g]) - xt[i, g]
                 diff = abs(diff) if use_mad else diff * diff
                 mad[g] = mad[g] + w[i, g] * diff
         for g in range(G):
-            if mad[g] < best[g]:
-                for i in range(n):
-                    L[i, g] = Laux[i, g]
-                best[g] = mad[g]
-                scale[g] = sl[g]
-                mn[g] = sl2[g]
+            wins = mad[g] < best[g]
+            l_iscale[g] = iscale[g] if wins else l_iscale[g]
+            l_mn[g] = mn[g] if wins else l_mn[g]
+            scale[g] = sl[g] if wins else scale[g]
+            mn[g] = sl2[g] if wins else mn[g]
+            best[g] = mad[g] if wins else best[g]
+    for i in range(n):
+        for g in range(G):
+            L_out[i, g] = min(max(np.rint(l_iscale[g] * (xt[i, g] - l_mn[g])), F0), fn)
+    for r in range(12):
+        for g in range(G):
+            st_out[r, g] = st[r, g]
     for g in range(G):
         if not (big[g] < F_MAGIC_LIMIT):
             return True
@@ -320,7 +356,6 @@ def _q45_k(x, out, redo, nmax, rmin, nstep):
         xt = np.empty((32, 16), dtype=np.float32)
         w = np.empty((32, 16), dtype=np.float32)
         L = np.empty((32, 16), dtype=np.float32)
-        Laux = np.empty((32, 16), dtype=np.float32)
         st = np.empty((12, 16), dtype=np.float32)
         flat = np.empty(16, dtype=np.bool_)
         Lb = np.empty(256, dtype=np.int64)
@@ -336,7 +371,7 @@ def _q45_k(x, out, redo, nmax, rmin, nstep):
                 continue
             _q45_columns(x[i0], xt, w, 0, flat)
             _q45_columns(x[i1], xt, w, 8, flat)
-            if qkx2_lanes(xt, w, fn, rmin, F_TENTH, nstep, False, L, Laux, st):
+            if qkx2_lanes(xt, w, fn, rmin, F_TENTH, nstep, False, L, st):
                 redo[i0] = True
                 redo[i1] = True
                 continue
@@ -411,7 +446,6 @@ def _q2_k(x, out, redo):
         xt = np.empty((16, 16), dtype=np.float32)
         w = np.empty((16, 16), dtype=np.float32)
         L = np.empty((16, 16), dtype=np.float32)
-        Laux = np.empty((16, 16), dtype=np.float32)
         Lb = np.empty(256, dtype=np.int64)
         st = np.empty((12, 16), dtype=np.float32)
         scales = np.empty(16, dtype=np.float32)
@@ -425,7 +459,7 @@ def _q2_k(x, out, redo):
             for k in range(16):
                 for j in range(16):
                     w[k, j] = abs(xt[k, j])
-            if qkx2_lanes(xt, w, fn, f32(-0.5), F_TENTH, 15, True, L, Laux, st):
+            if qkx2_lanes(xt, w, fn, f32(-0.5), F_TENTH, 15, True, L, st):
                 redo[i] = True
                 continue
             max_scale = F0
@@ -472,61 +506,115 @@ def _q2_k(x, out, redo):
                                                   | (Lb[128 * h + 64 + k] << 4) | (Lb[128 * h + 96 + k] << 6))
 
 
-@jit
-def _qx_pass(x, iscale, nmax, L, offset, store):
-    """Levels ``clamp(nearest_int(iscale * x), -nmax, nmax - 1)`` (into ``L`` + ``offset``
-    when ``store``) and their weighted sums (weights x*x): (sum w x l, sum w l l)."""
-    sumlx = F0
-    suml2 = F0
-    for i in range(x.shape[0]):
-        l = max(-nmax, min(nmax - 1, nearest_int(f32(iscale * x[i]))))
-        if store:
-            L[i] = l + offset
-        w = f32(x[i] * x[i])
-        sumlx = f32(sumlx + f32(f32(w * x[i]) * f32(l)))
-        suml2 = f32(suml2 + f32(f32(w * f32(l)) * f32(l)))
-    return sumlx, suml2
+@jit_inline
+def _q3_step(xt, w, wx, L, Lnew, i, G, fmin, ftop, sx, s2, sx_out, s2_out, moved, big):
+    """make_q3_quants' try on weight ``i`` of every column: from the sums (sx, s2) to
+    (sx_out, s2_out), the code into ``Lnew``."""
+    for g in range(G):
+        li = L[i, g]
+        slx = sx[g] - wx[i, g] * li
+        sl2 = s2[g] - (w[i, g] * li) * li
+        v = (xt[i, g] * sl2) / slx
+        ok = slx > F0
+        big[g] = max(big[g], F1 if ok and not (abs(v) < F_MAGIC_LIMIT) else F0)
+        new_l = min(max(np.rint(v), fmin), ftop)
+        slx2 = slx + wx[i, g] * new_l
+        sl22 = sl2 + (w[i, g] * new_l) * new_l
+        take = ok and new_l != li and sl22 > F0 and (slx2 * slx2) * s2[g] > (sx[g] * sx[g]) * sl22
+        Lnew[i, g] = new_l if take else li
+        sx_out[g] = slx2 if take else sx[g]
+        s2_out[g] = sl22 if take else s2[g]
+        moved[g] = max(moved[g], F1 if take else F0)
 
 
 @jit
-def make_q3(x, nmax, L):
-    """ggml's make_q3_quants with do_rmse: fills ``L`` with 0..2*nmax-1, returns the scale."""
-    n = x.shape[0]
-    mx, amax = signed_absmax(x)
-    if amax < F_EPS:
-        L[:] = 0
-        return F0
-    sumlx, suml2 = _qx_pass(x, f32(-f32(nmax) / mx), nmax, L, 0, True)
-    for _ in range(5):
-        changed = 0
-        for i in range(n):
-            w = f32(x[i] * x[i])
-            li = f32(L[i])
-            slx = f32(sumlx - f32(f32(w * x[i]) * li))
-            if slx > F0:
-                sl2 = f32(suml2 - f32(f32(w * li) * li))
-                new_l = max(-nmax, min(nmax - 1, nearest_int(f32(f32(x[i] * sl2) / slx))))
-                if new_l != L[i]:
-                    fl = f32(new_l)
-                    slx = f32(slx + f32(f32(w * x[i]) * fl))
-                    sl2 = f32(sl2 + f32(f32(w * fl) * fl))
-                    if sl2 > F0 and f32(f32(slx * slx) * suml2) > f32(f32(sumlx * sumlx) * sl2):
-                        L[i] = new_l
-                        sumlx = slx
-                        suml2 = sl2
-                        changed += 1
-        if changed == 0:
-            break
+def make_q3_lanes(xt_in, nmax, L_out, scale_out):
+    """ggml's make_q3_quants (do_rmse) on every column of ``xt_in`` (16, 16): one sub-block
+    of 16 weights a column. Fills ``L_out`` with codes 0..2*nmax-1 and ``scale_out`` (16)
+    with the scales; returns True when some rounded value that counts was 2**22 or more
+    (nearest_int's exact range ends there: the caller leaves that block to the torch kernel).
+
+    ggml changes one weight at a time, each choice depending on the sums so far; here
+    the 16 columns take that walk side by side, each step a select per column. A column
+    whose pass changed nothing would change nothing in a further pass (its state is the
+    same), so running passes until no column changes gives ggml's result in every column."""
+    n = min(16, xt_in.shape[0])
+    G = min(16, scale_out.shape[0])   # from an argument: see qkx2_lanes
+    fmax = f32(nmax)
+    fmin = f32(-nmax)
+    ftop = f32(nmax - 1)
+    xt = stack_f32(16, 16)
+    w = stack_f32(16, 16)
+    wx = stack_f32(16, 16)
+    L = stack_f32(16, 16)
+    Lnew = stack_f32(16, 16)
+    st = stack_f32(8, 16)
+    mx, amax, sumlx, suml2, moved, big, sumlx_b, suml2_b = st[0], st[1], st[2], st[3], st[4], st[5], st[6], st[7]
     for i in range(n):
-        L[i] += nmax
-    return f32(sumlx / suml2)
+        for g in range(G):
+            v = xt_in[i, g]
+            xt[i, g] = v
+            w[i, g] = v * v
+            wx[i, g] = (v * v) * v
+    for g in range(G):
+        mx[g] = F0
+        amax[g] = F0
+        big[g] = F0
+    for i in range(n):
+        for g in range(G):
+            a = abs(xt[i, g])
+            larger = a > amax[g]
+            amax[g] = a if larger else amax[g]
+            mx[g] = xt[i, g] if larger else mx[g]
+    for g in range(G):
+        mx[g] = -fmax / mx[g]             # now the first try's inverse scale
+        sumlx[g] = F0
+        suml2[g] = F0
+    for i in range(n):
+        for g in range(G):
+            l = min(max(np.rint(mx[g] * xt[i, g]), fmin), ftop)
+            L[i, g] = l
+            sumlx[g] = sumlx[g] + wx[i, g] * l
+            suml2[g] = suml2[g] + (w[i, g] * l) * l
+    # Each step reads the sums from one pair of rows and writes them whole into the other
+    # (and the codes into Lnew): a kept value is then a plain store, not a store under a
+    # mask, which is slow on many CPUs. n is even, so a pass ends with the sums back in
+    # (sumlx, suml2).
+    for _ in range(5):
+        for g in range(G):
+            moved[g] = F0
+        for i in range(0, n, 2):
+            _q3_step(xt, w, wx, L, Lnew, i, G, fmin, ftop, sumlx, suml2, sumlx_b, suml2_b, moved, big)
+            _q3_step(xt, w, wx, L, Lnew, i + 1, G, fmin, ftop, sumlx_b, suml2_b, sumlx, suml2, moved, big)
+        any_moved = F0
+        for g in range(G):
+            any_moved = max(any_moved, moved[g])
+        for i in range(n):
+            for g in range(G):
+                L[i, g] = Lnew[i, g]
+        if any_moved == F0:
+            break
+    flagged = False
+    for g in range(G):
+        zero = amax[g] < F_EPS
+        scale_out[g] = F0 if zero else sumlx[g] / suml2[g]
+        for i in range(n):
+            L_out[i, g] = F0 if zero else L[i, g] + fmax
+        flagged = flagged or big[g] != F0
+    return flagged
 
 
 @jit
-def _q3_k(xb, out, i, scratch, p0, p1, p2):
-    L, scales = scratch[0], scratch[3]
-    for j in range(16):
-        scales[j] = make_q3(xb[16 * j:16 * j + 16], 4, L[16 * j:16 * j + 16])
+def _q3_k(xb, out, i):
+    """Block ``i`` of Q3_K from ``xb``; False when it is left to the torch kernel."""
+    xt = stack_f32(16, 16)
+    Lt = stack_f32(16, 16)
+    scales = stack_f32(1, 16)[0]
+    dd = stack_f32(1, 16)[0]
+    L = stack_i64(1, 256)[0]
+    _columns16(xb, xt)
+    if make_q3_lanes(xt, 4, Lt, scales):
+        return False
     max_scale = signed_absmax(scales)[0]
     for k in range(12):
         out[i, Q3_SCALES + k] = 0
@@ -545,36 +633,46 @@ def _q3_k(xb, out, i, scratch, p0, p1, p2):
     for j in range(16):
         lo4 = np.int64(out[i, Q3_SCALES + j]) & 0xF if j < 8 else np.int64(out[i, Q3_SCALES + j - 8]) >> 4
         sv = (lo4 | (((np.int64(out[i, Q3_SCALES + 8 + j % 4]) >> (2 * (j // 4))) & 3) << 4)) - 32
-        dd = f32(d * f32(sv))
-        if dd == F0:
-            continue
-        _levels_at(xb, L, 16 * j, 16, F0, dd, -4, 3)
+        dd[j] = f32(d * f32(sv))
+    # the final codes against the stored scales (a sub-block whose scale is 0 keeps its fit's)
+    big = F0
+    for k in range(16):
+        for j in range(16):
+            v = (xt[k, j] + F0) / dd[j]
+            keep = dd[j] == F0
+            big = max(big, F0 if keep or abs(v) < F_MAGIC_LIMIT else F1)
+            Lt[k, j] = Lt[k, j] if keep else min(max(np.rint(v), F_M4), F3) + F4
+    if big != F0:
+        return False
+    for j in range(16):
+        for k in range(16):
+            L[16 * j + k] = int(Lt[k, j])
     for k in range(32):
-        out[i, Q3_HMASK + k] = 0
-    for j in range(256):
-        if L[j] > 3:
-            out[i, Q3_HMASK + j % 32] |= 1 << (j // 32)
-            L[j] -= 4
+        h = 0
+        for q in range(8):
+            h |= (1 << q) if L[32 * q + k] > 3 else 0
+        out[i, Q3_HMASK + k] = h
     for h in range(2):
         for k in range(32):
-            out[i, Q3_QS + 32 * h + k] = (L[128 * h + k] | (L[128 * h + 32 + k] << 2)
-                                       | (L[128 * h + 64 + k] << 4) | (L[128 * h + 96 + k] << 6))
+            out[i, Q3_QS + 32 * h + k] = ((L[128 * h + k] & 3) | ((L[128 * h + 32 + k] & 3) << 2)
+                                       | ((L[128 * h + 64 + k] & 3) << 4) | ((L[128 * h + 96 + k] & 3) << 6))
+    return True
 
 
 @pjit
-def _quantize_q3(x, out):
+def _quantize_q3(x, out, redo):
     """Every block of ``x`` in Q3_K, ``_CHUNK`` blocks a parallel work item."""
     for c in prange((x.shape[0] + _CHUNK - 1) // _CHUNK):
-        s = scratch()
         for i in range(c * _CHUNK, min(x.shape[0], c * _CHUNK + _CHUNK)):
-            _q3_k(x[i], out, i, s, 0, 0, 0)
+            if not (_finite(x[i]) and _q3_k(x[i], out, i)):
+                redo[i] = True
 
 
 # The side-by-side kernels mark in ``redo`` the blocks they leave (a non-finite weight, or a
 # value that would round past 2**22): those are quantized by the torch kernel, the reference.
 QUANTIZERS = {
     GGMLType.Q2_K: quantizer(_q2_k, Q2_K.size, leaves_to=GGMLType.Q2_K),
-    GGMLType.Q3_K: quantizer(_quantize_q3, Q3_K.size),
+    GGMLType.Q3_K: quantizer(_quantize_q3, Q3_K.size, leaves_to=GGMLType.Q3_K),
     GGMLType.Q4_K: quantizer(lambda x, o, r: _q45_k(x, o, r, 15, f32(-1.0), 20), Q4_K.size, leaves_to=GGMLType.Q4_K),
     GGMLType.Q5_K: quantizer(lambda x, o, r: _q45_k(x, o, r, 31, f32(-0.5), 15), Q5_K.size, leaves_to=GGMLType.Q5_K),
     GGMLType.Q6_K: quantizer(_q6_k, Q6_K.size, leaves_to=GGMLType.Q6_K),
