@@ -51,7 +51,7 @@ def main():
     ap.add_argument("--cols", type=int, default=3072)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--pairs", type=int, default=3, help="alternating ours/ggml timings per format")
-    ap.add_argument("--model-rows", type=int, default=64)
+    ap.add_argument("--model-rows", type=int, default=64, help="rows per (format, width) for the whole-model figure; 0 skips it")
     ap.add_argument("--formats", default="", help="comma-separated subset")
     ap.add_argument("--backend", default="auto", choices=["auto", "torch", "numba"])
     a = ap.parse_args()
@@ -127,7 +127,8 @@ def main():
         rg = f"{np.mean(r_ggml):.4f}" if r_ggml else "-"
         print(f"| {fmt.name} | {ours:.1f} ({kernel}) | {torch_rate} | {g_rate} | {g_ratio} | {g_same} | {numpy_rate} | {ro} | {rg} | "
               f"{same}/{len(r_ours)} |")
-    whole_model(a.model_rows)
+    if a.model_rows > 0:  # --model-rows 0: no whole-model figure
+        whole_model(a.model_rows)
 
 
 def whole_model(rows: int, recipe: str = "Q4_K_S"):

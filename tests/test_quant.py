@@ -102,6 +102,15 @@ def test_round_trip_and_shapes(fmt):
     assert torch.equal(lib_gguf.quantize(x.half(), fmt), lib_gguf.quantize(x.half().float(), fmt))
 
 
+@pytest.mark.parametrize("fmt", QUANTIZED + ["F32", "F16", "BF16"])
+def test_a_weight_with_no_rows_quantizes_to_no_bytes(fmt):
+    """An empty weight (0 rows) is valid: its bytes are empty, with the row width of its format."""
+    f = get_format(fmt)
+    q = lib_gguf.quantize(torch.empty(0, 512), fmt)
+    assert q.dtype == torch.uint8 and q.shape == (0, 512 // f.block_size * f.type_size)
+    assert lib_gguf.dequantize(q, fmt, (0, 512), torch.float32).shape == (0, 512)
+
+
 def test_rows_not_divisible_are_a_clear_error():
     with pytest.raises(GGUFFormatError) as e:
         lib_gguf.quantize(torch.randn(4, 4544 + 16), "Q8_0", name="blocks.0.mlp.weight")

@@ -20,7 +20,9 @@ def _viewer(src: torch.dtype):
 
 def _caster(dst: torch.dtype):
     def quantize(values: torch.Tensor) -> torch.Tensor:
-        return values.to(dst).contiguous().view(torch.uint8).reshape(values.shape[0], -1)
+        out = values.to(dst).contiguous()
+        # the row width spelled out: -1 cannot be inferred for a weight with no rows
+        return out.view(torch.uint8).reshape(values.shape[0], values.shape[1:].numel() * out.element_size())
 
     return quantize
 
