@@ -5,12 +5,12 @@ families registered (``numba=`` in :func:`lib_gguf.formats.register`); the table
 here must match it (a test checks)."""
 from __future__ import annotations
 
-from .families import (fp4_numba, iq4_dequant_numba, iq4_numba, kquant_dequant_numba, kquant_numba, lattice_numba,
-                       legacy_dequant_numba, legacy_numba, ternary_numba)
+from .families import (fp4_numba, iq4_dequant_numba, iq4_numba, kquant_dequant_numba, kquant_numba, kquant_q3_numba,
+                       lattice_numba, legacy_dequant_numba, legacy_numba, ternary_numba)
 from .numba_support import COMPILE_ERRORS, available  # noqa: F401  (the backend's protocol)
 
-_MODULES = (legacy_numba, legacy_dequant_numba, kquant_numba, kquant_dequant_numba, iq4_numba, iq4_dequant_numba,
-            lattice_numba, ternary_numba, fp4_numba)
+_MODULES = (legacy_numba, legacy_dequant_numba, kquant_numba, kquant_q3_numba, kquant_dequant_numba, iq4_numba,
+            iq4_dequant_numba, lattice_numba, ternary_numba, fp4_numba)
 DEQUANTIZERS = {int(t): fn for m in _MODULES for t, fn in m.DEQUANTIZERS.items()}
 QUANTIZERS = {int(t): fn for m in _MODULES for t, fn in m.QUANTIZERS.items()}
 

@@ -423,7 +423,7 @@ def _q3_k(x: torch.Tensor) -> torch.Tensor:
     return Q3_K.pack(hmask=hmask.to(torch.uint8), qs=pack_crumbs(L), scales=packed.to(torch.uint8), d=f16_bytes(d))
 
 
-_COMPILED = ("quantize", "dequantize")  # kquant_numba.py, kquant_dequant_numba.py
+_COMPILED = ("quantize", "dequantize")  # kquant_numba.py, kquant_q3_numba.py, kquant_dequant_numba.py
 register(GGMLType.Q2_K, layout=Q2_K, dequantize=_dq_q2_k, quantize=_q2_k, numba=_COMPILED, triton=True,
          fallback=("Q5_0",))
 register(GGMLType.Q3_K, layout=Q3_K, dequantize=_dq_q3_k, quantize=_q3_k, numba=_COMPILED, triton=True,
