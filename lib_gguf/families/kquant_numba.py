@@ -208,15 +208,10 @@ def _qx_sums(xt, isc, fn, slx, sl2):
             sl2[g] = sl2[g] + (wv * l) * l
 
 
-@jit
-def qx_lanes(xt, fn, L, st):
-    """ggml's make_qx_quants (rmse_type 1: weights x*x) on every column of ``xt`` (n, G).
-
-    Fills ``L`` (n, G) with codes 0..2*nmax-1; ``st`` (8, G) is scratch whose row 5 ends
-    as the scales (0 for a column whose largest magnitude is below ggml's epsilon).
-    The rounded values stay within nmax + 1 in magnitude: no 2**22 check is needed."""
-    n, G = xt.shape
-    mx, amax, isc, slx, sl2, scale, best, pick = st[0], st[1], st[2], st[3], st[4], st[5], st[6], st[7]
+@jit_inline
+def column_absmax(xt, n, G, mx, amax):
+    """Each column's first value of largest magnitude into ``mx`` and that magnitude into
+    ``amax`` (0 and 0 for a column of zeros), as ggml's scalar scan leaves them."""
     for g in range(G):
         mx[g] = F0
         amax[g] = F0
@@ -226,6 +221,18 @@ def qx_lanes(xt, fn, L, st):
             larger = a > amax[g]
             amax[g] = a if larger else amax[g]
             mx[g] = xt[i, g] if larger else mx[g]
+
+
+@jit
+def qx_lanes(xt, fn, L, st):
+    """ggml's make_qx_quants (rmse_type 1: weights x*x) on every column of ``xt`` (n, G).
+
+    Fills ``L`` (n, G) with codes 0..2*nmax-1; ``st`` (8, G) is scratch whose row 5 ends
+    as the scales (0 for a column whose largest magnitude is below ggml's epsilon).
+    The rounded values stay within nmax + 1 in magnitude: no 2**22 check is needed."""
+    n, G = xt.shape
+    mx, amax, isc, slx, sl2, scale, best, pick = st[0], st[1], st[2], st[3], st[4], st[5], st[6], st[7]
+    column_absmax(xt, n, G, mx, amax)
     for g in range(G):
         isc[g] = -fn / mx[g] if amax[g] >= F_EPS else F0
     _qx_sums(xt, isc, fn, slx, sl2)

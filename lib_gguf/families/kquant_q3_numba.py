@@ -14,7 +14,7 @@ from ..formats import GGMLType
 from ..numba_support import (F0, F1, F_EPS, F_MAGIC_LIMIT, f32, jit, jit_inline, nearest_int, pjit, prange, put_f16,
                              quantizer, signed_absmax, stack_f32, stack_i64)
 from .kquant import Q3_K
-from .kquant_numba import F32, _CHUNK, _columns16, _finite
+from .kquant_numba import F32, _CHUNK, _columns16, _finite, column_absmax
 
 F3 = f32(3.0)
 F4 = f32(4.0)
@@ -73,15 +73,8 @@ def make_q3_lanes(xt_in, nmax, L_out, scale_out):
             w[i, g] = v * v
             wx[i, g] = (v * v) * v
     for g in range(G):
-        mx[g] = F0
-        amax[g] = F0
         big[g] = F0
-    for i in range(n):
-        for g in range(G):
-            a = abs(xt[i, g])
-            larger = a > amax[g]
-            amax[g] = a if larger else amax[g]
-            mx[g] = xt[i, g] if larger else mx[g]
+    column_absmax(xt, n, G, mx, amax)
     for g in range(G):
         mx[g] = -fmax / mx[g]             # now the first try's inverse scale
         sumlx[g] = F0
