@@ -1,5 +1,5 @@
-"""The compiled kernels' float16 store (numba_support.f16_bits / f16_value / put_f16)
-against torch's float32 -> float16 conversion, and the bit-level block scans and
+"""The compiled kernels' float16 store (numba_support.f16_bits / f16_value / put_f16,
+and the dequantizers' ``half`` read and ``put`` store) against torch's conversions, and the bit-level block scans and
 IQ4 level thresholds the legacy and IQ4 numba quantizers are built on, against
 plain scalar references of ggml's rules.
 
@@ -35,6 +35,18 @@ if numba_support.available():
     def _put_all(xs, out, back):
         for j in range(xs.shape[0]):
             back[j] = numba_support.put_f16(out, j, 1, xs[j])
+
+    @njit(cache=False)
+    def _halves_of(lo, hi, out):
+        for j in range(lo.shape[0]):
+            out[j] = numba_support.half(lo[j], hi[j])
+
+    @njit(cache=False)
+    def _put_rows(x, out):
+        for i in range(x.shape[0]):
+            o = out[i]
+            for j in range(x.shape[1]):
+                numba_support.put(o, j, x[i, j])
 
     @njit(cache=False)
     def _scans(x, lo, hi, mx, amax):
@@ -119,6 +131,36 @@ def test_put_f16_stores_little_endian_and_returns_the_stored_value():
     assert np.array_equal(out[:, 1:3].copy().view(np.uint16).ravel(), ref.view(torch.int16).numpy().view(np.uint16))
     assert np.array_equal(back, ref.float().numpy())
     assert not out[:, 0].any() and not out[:, 3].any()
+
+
+def test_half_reads_every_half_as_torch_does():
+    """The dequantizers' scale read (one F16C conversion) over all 65536 patterns, from
+    the block's two little-endian bytes: torch's float32 value; NaN stays NaN, signed."""
+    h = np.arange(1 << 16, dtype=np.int64)
+    ours = np.empty(h.shape[0], dtype=np.float32)
+    _halves_of((h & 0xFF).astype(np.uint8), (h >> 8).astype(np.uint8), ours)
+    ref = torch.from_numpy(h.astype(np.uint16).view(np.int16)).view(torch.float16).float().numpy()
+    nan = np.isnan(ref)
+    assert np.array_equal(ours[~nan].view(np.uint32), ref[~nan].view(np.uint32))
+    assert np.all(np.isnan(ours[nan])) and np.array_equal(np.signbit(ours[nan]), np.signbit(ref[nan]))
+
+
+def test_put_stores_float32_as_is_and_float16_as_torch_rounds():
+    """``put`` into a float32 row keeps the bits; into a uint16 row it stores torch's
+    float16 of the value (ties to even, subnormals, overflow to inf), at every lane
+    position of a vectorized row (rows of 37, so vector bodies and their remainders)."""
+    bits = _boundary_patterns()
+    x = bits.view(np.float32)
+    x = x[: x.shape[0] // 37 * 37].reshape(-1, 37)
+    f = np.empty(x.shape, dtype=np.float32)
+    _put_rows(x, f)
+    assert np.array_equal(f.view(np.uint32), x.view(np.uint32))
+    h = np.empty(x.shape, dtype=np.uint16)
+    _put_rows(x, h)
+    ref = torch.from_numpy(x).half().view(torch.int16).numpy().view(np.uint16)
+    nan = np.isnan(x)
+    assert np.array_equal(h[~nan], ref[~nan])
+    assert np.all((h[nan] & 0x7C00) == 0x7C00) and np.all(h[nan] & 0x3FF)
 
 
 # -- the legacy kernels' scans on the floats' bits -----------------------------------------------

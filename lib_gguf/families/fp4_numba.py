@@ -9,7 +9,7 @@ from functools import lru_cache
 import numpy as np
 
 from ..formats import GGMLType
-from ..numba_support import F0, absmax, dequantizer, emit, f32, jit, pjit, prange, quantizer
+from ..numba_support import F0, absmax, dequantizer, f32, jit, jit_inline, pjit, prange, put, quantizer
 from .fp4 import E2M1_DOUBLED, MXFP4, NVFP4
 
 E2M1 = np.array(E2M1_DOUBLED, dtype=np.float32)
@@ -36,23 +36,41 @@ def _ue4m3_half_table():
     return t
 
 
-@jit
-def _dq_mxfp4(r, tmp, scale, ksign):
+@jit_inline
+def _dq_mxfp4(r, o, scale, n):
+    """``n`` = 16 bytes of codes, low nibbles first, times the block's E8M0 scale."""
     d = scale[r[MX_E]]
-    for j in range(16):
-        q = np.int64(r[MX_QS + j])
-        tmp[j] = f32(d * E2M1[q & 0xF])
-        tmp[16 + j] = f32(d * E2M1[q >> 4])
+    for j in range(n):
+        q = np.int32(r[MX_QS + j])
+        put(o, j, f32(d * E2M1[q & 0xF]))
+        put(o, n + j, f32(d * E2M1[q >> 4]))
 
 
-@jit
-def _dq_nvfp4(r, tmp, scale, ksign):
+@jit_inline
+def _dq_nvfp4(r, o, scale, n):
+    """4 sub-blocks of 16 weights from ``n`` = 8 bytes each, each with its UE4M3 scale."""
     for s in range(4):
         d = scale[r[NV_D + s]]
-        for j in range(8):
-            q = np.int64(r[NV_QS + 8 * s + j])
-            tmp[16 * s + j] = f32(d * E2M1[q & 0xF])
-            tmp[16 * s + 8 + j] = f32(d * E2M1[q >> 4])
+        qs = NV_QS + 8 * s
+        at = 16 * s
+        for j in range(n):
+            q = np.int32(r[qs + j])
+            put(o, at + j, f32(d * E2M1[q & 0xF]))
+            put(o, at + n + j, f32(d * E2M1[q >> 4]))
+
+
+@jit
+def _blocks(b, out, lo, hi, kind, table):
+    """Blocks ``lo:hi`` (``kind`` 1: MXFP4, 2: NVFP4), one loop per format; the lane count
+    from the output's width, not a constant (see numba_support)."""
+    if kind == 1:
+        n = out.shape[1] // 2
+        for i in range(lo, hi):
+            _dq_mxfp4(b[i], out[i], table, n)
+    else:
+        n = out.shape[1] // 8
+        for i in range(lo, hi):
+            _dq_nvfp4(b[i], out[i], table, n)
 
 
 @pjit
@@ -87,15 +105,9 @@ def _q_mxfp4(x, out):
 
 @pjit
 def _drive(b, out, chunk, kind, table, ksign):
-    """The dequantizers' parallel loop: block function ``kind`` (1: MXFP4, 2: NVFP4)."""
+    """The dequantizers' parallel loop over chunks of ``chunk`` blocks; ``table`` the scales."""
     for c in prange((b.shape[0] + chunk - 1) // chunk):
-        tmp = np.empty(out.shape[1], np.float32)
-        for i in range(c * chunk, min(b.shape[0], c * chunk + chunk)):
-            if kind == 1:
-                _dq_mxfp4(b[i], tmp, table, ksign)
-            else:
-                _dq_nvfp4(b[i], tmp, table, ksign)
-            emit(out, i, tmp)
+        _blocks(b, out, c * chunk, min(b.shape[0], c * chunk + chunk), kind, table)
 
 
 DEQUANTIZERS = {

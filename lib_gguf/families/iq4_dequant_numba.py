@@ -11,7 +11,7 @@ from functools import lru_cache
 import numpy as np
 
 from ..formats import GGMLType
-from ..numba_support import dequantizer, emit, f32, half, jit, pjit, prange
+from ..numba_support import dequantizer, f32, half, jit, jit_inline, pjit, prange, put
 from .iq4 import IQ4_NL, IQ4_XS, LEVELS
 
 NL_D, NL_QS = IQ4_NL.d.offset, IQ4_NL.qs.offset
@@ -23,39 +23,50 @@ def _levels():
     return np.array(LEVELS, dtype=np.float32)
 
 
-@jit
-def _dq_iq4_nl(r, tmp, levels):
+@jit_inline
+def _dq_iq4_nl(r, o, levels, n):
+    """``d`` times the level of each code, ``n`` = 16 bytes: low nibbles first."""
     d = half(r[NL_D], r[NL_D + 1])
-    for j in range(16):
-        q = np.int64(r[NL_QS + j])
-        tmp[j] = f32(d * levels[q & 0x0F])
-        tmp[16 + j] = f32(d * levels[q >> 4])
+    for j in range(n):
+        q = np.int32(r[NL_QS + j])
+        put(o, j, f32(d * levels[q & 0x0F]))
+        put(o, n + j, f32(d * levels[q >> 4]))
 
 
-@jit
-def _dq_iq4_xs(r, tmp, levels):
+@jit_inline
+def _dq_iq4_xs(r, o, levels, n):
+    """8 sub-blocks of 32 weights from ``n`` = 16 bytes each, each with a 6-bit scale, minus 32."""
     d = half(r[XS_D], r[XS_D + 1])
     sh = np.int64(r[XS_SH]) | (np.int64(r[XS_SH + 1]) << 8)
-    for s in range(8):  # sub-blocks of 32: a 6-bit scale, minus 32
+    for s in range(8):
         ls = ((np.int64(r[XS_SL + s // 2]) >> (4 * (s % 2))) & 0x0F) | (((sh >> (2 * s)) & 0x03) << 4)
         dl = f32(d * f32(ls - 32))
-        for j in range(16):
-            q = np.int64(r[XS_QS + 16 * s + j])
-            tmp[32 * s + j] = f32(dl * levels[q & 0x0F])
-            tmp[32 * s + 16 + j] = f32(dl * levels[q >> 4])
+        qs = XS_QS + 16 * s
+        at = 32 * s
+        for j in range(n):
+            q = np.int32(r[qs + j])
+            put(o, at + j, f32(dl * levels[q & 0x0F]))
+            put(o, at + n + j, f32(dl * levels[q >> 4]))
+
+
+@jit
+def _blocks(b, out, lo, hi, kind, levels):
+    """Blocks ``lo:hi``: ``kind`` 1 IQ4_NL, 2 IQ4_XS, one loop per format; the lane count
+    from the output's width, not a constant (see numba_support)."""
+    n = out.shape[1] // 2 if kind == 1 else out.shape[1] // 16
+    if kind == 1:
+        for i in range(lo, hi):
+            _dq_iq4_nl(b[i], out[i], levels, n)
+    else:
+        for i in range(lo, hi):
+            _dq_iq4_xs(b[i], out[i], levels, n)
 
 
 @pjit
 def _drive(b, out, chunk, kind, table, ksign):
-    """The dequantizers' parallel loop: ``kind`` 1 IQ4_NL, 2 IQ4_XS; ``table`` the 16 levels."""
+    """The dequantizers' parallel loop over chunks of ``chunk`` blocks; ``table`` the 16 levels."""
     for c in prange((b.shape[0] + chunk - 1) // chunk):
-        tmp = np.empty(out.shape[1], np.float32)
-        for i in range(c * chunk, min(b.shape[0], c * chunk + chunk)):
-            if kind == 1:
-                _dq_iq4_nl(b[i], tmp, table)
-            else:
-                _dq_iq4_xs(b[i], tmp, table)
-            emit(out, i, tmp)
+        _blocks(b, out, c * chunk, min(b.shape[0], c * chunk + chunk), kind, table)
 
 
 DEQUANTIZERS = {

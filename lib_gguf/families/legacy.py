@@ -247,11 +247,11 @@ def _asymmetric(x: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
-# Q4_1, Q5_0, Q5_1 dequantize compiled too (legacy_dequant_numba.py); Q4_0, Q8_0 and Q8_1 measured
-# faster with their torch kernels' float16-direct passes
+# Every format here but Q1_0 dequantizes compiled too (legacy_dequant_numba.py); the torch
+# kernels (their float16-direct passes included) run without numba and are its reference
 _COMPILED = ("quantize", "dequantize")
 # 8192 blocks (262144 weights) a pass: the few full passes stay in the CPU's cache
-register(GGMLType.Q4_0, layout=Q4_0, numba=("quantize",), triton=True,
+register(GGMLType.Q4_0, layout=Q4_0, numba=_COMPILED, triton=True,
          dequantize=_f16_direct(_dq_q4_0, lambda b: _nibbles_f16_direct(b, Q4_0.qs.offset, None, 8)),
          quantize=quant_chunks(8192)(lambda x: _symmetric(x, 4)))
 register(GGMLType.Q4_1, layout=Q4_1, numba=_COMPILED, triton=True,
@@ -261,8 +261,8 @@ register(GGMLType.Q5_0, layout=Q5_0, numba=_COMPILED, triton=True,
          quantize=quant_chunks(8192)(lambda x: _symmetric(x, 5)))
 register(GGMLType.Q5_1, layout=Q5_1, numba=_COMPILED, triton=True,
          dequantize=_dq_q5_1, quantize=quant_chunks(8192)(lambda x: _asymmetric(x, 5)))
-register(GGMLType.Q8_0, layout=Q8_0, numba=("quantize",), triton=True,
+register(GGMLType.Q8_0, layout=Q8_0, numba=_COMPILED, triton=True,
          dequantize=_f16_direct(_dq_q8_0, lambda b: _int8_f16_direct(b, Q8_0.qs.offset)), quantize=_q8_0)
-register(GGMLType.Q8_1, layout=Q8_1, triton=True,
+register(GGMLType.Q8_1, layout=Q8_1, numba=("dequantize",), triton=True,
          dequantize=_f16_direct(_dq_q8_1, lambda b: _int8_f16_direct(b, Q8_1.qs.offset)))
 register(GGMLType.Q1_0, layout=Q1_0, triton=True, dequantize=_dq_q1_0)
