@@ -17,8 +17,8 @@ What it installs, and what it never installs:
   and works with either ``gguf`` behind the import, so it needs none.
 - never torch, numpy or gradio: they are Forge's, at Forge's versions.
 - not ``numba`` either: it makes the CPU quantizers (the converter, merged LoRAs)
-  and the CPU dequantizers of the lattice, ternary and FP4 formats several times
-  faster, but it is optional (``lib_gguf`` falls back to its torch
+  and the CPU dequantizers (every quantized format but Q1_0 and Q8_K) several
+  times faster, but it is optional (``lib_gguf`` falls back to its torch
   kernels), large (llvmlite) and pins a numpy range, so adding it to Forge's
   environment is the user's choice (``pip install numba``; see the README).
 """

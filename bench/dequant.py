@@ -8,8 +8,8 @@ torch dequantizer and Forge's baked one, per format, on the CPU.
                             [--formats Q4_0,Q4_K,...] [--backend auto|torch|numba]
 
 ``ours`` is ``lib_gguf.dequantize`` as a user gets it (``--backend auto``: the
-compiled numba kernels for the lattice, ternary and FP4 formats when numba is
-installed); ``ours torch`` is the torch kernels alone, timed in the same rounds.
+compiled numba kernels, every quantized format's but Q1_0's and Q8_K's, when numba
+is installed); ``ours torch`` is the torch kernels alone, timed in the same rounds.
 
 Competitors are loaded by path from local copies (never copied into this repo):
 ComfyUI-GGUF's ``dequant.py`` as a standalone module, and Forge's modified gguf
