@@ -370,6 +370,17 @@ else:  # pragma: no cover - never called: without numba no compiled kernel runs
         o[j] = np.float16(v).view(np.uint16) if o.dtype == np.uint16 else v
 
 
+@jit_inline
+def put_nibble_levels(o, at, r, qs, n, d, levels):
+    """The ``n`` bytes at ``r[qs:]`` as 4-bit codes into a lookup table (low nibbles
+    first): ``o[at + j] = d * levels[lo_j]``, ``o[at + n + j] = d * levels[hi_j]`` (the
+    IQ4 and FP4 dequantizers; ``n`` passed in, see above)."""
+    for j in range(n):
+        q = np.int32(r[qs + j])
+        put(o, at + j, f32(d * levels[q & 0x0F]))
+        put(o, at + n + j, f32(d * levels[q >> 4]))
+
+
 # -- launching ----------------------------------------------------------------------------
 
 _WORKQUEUE_LOCK = threading.Lock()

@@ -9,7 +9,7 @@ from functools import lru_cache
 import numpy as np
 
 from ..formats import GGMLType
-from ..numba_support import F0, absmax, dequantizer, f32, jit, jit_inline, pjit, prange, put, quantizer
+from ..numba_support import F0, absmax, dequantizer, f32, jit, jit_inline, pjit, prange, put_nibble_levels, quantizer
 from .fp4 import E2M1_DOUBLED, MXFP4, NVFP4
 
 E2M1 = np.array(E2M1_DOUBLED, dtype=np.float32)
@@ -39,24 +39,14 @@ def _ue4m3_half_table():
 @jit_inline
 def _dq_mxfp4(r, o, scale, n):
     """``n`` = 16 bytes of codes, low nibbles first, times the block's E8M0 scale."""
-    d = scale[r[MX_E]]
-    for j in range(n):
-        q = np.int32(r[MX_QS + j])
-        put(o, j, f32(d * E2M1[q & 0xF]))
-        put(o, n + j, f32(d * E2M1[q >> 4]))
+    put_nibble_levels(o, 0, r, MX_QS, n, scale[r[MX_E]], E2M1)
 
 
 @jit_inline
 def _dq_nvfp4(r, o, scale, n):
     """4 sub-blocks of 16 weights from ``n`` = 8 bytes each, each with its UE4M3 scale."""
     for s in range(4):
-        d = scale[r[NV_D + s]]
-        qs = NV_QS + 8 * s
-        at = 16 * s
-        for j in range(n):
-            q = np.int32(r[qs + j])
-            put(o, at + j, f32(d * E2M1[q & 0xF]))
-            put(o, at + n + j, f32(d * E2M1[q >> 4]))
+        put_nibble_levels(o, 16 * s, r, NV_QS + 8 * s, n, scale[r[NV_D + s]], E2M1)
 
 
 @jit

@@ -11,7 +11,7 @@ from functools import lru_cache
 import numpy as np
 
 from ..formats import GGMLType
-from ..numba_support import dequantizer, f32, half, jit, jit_inline, pjit, prange, put
+from ..numba_support import dequantizer, f32, half, jit, jit_inline, pjit, prange, put_nibble_levels
 from .iq4 import IQ4_NL, IQ4_XS, LEVELS
 
 NL_D, NL_QS = IQ4_NL.d.offset, IQ4_NL.qs.offset
@@ -26,11 +26,7 @@ def _levels():
 @jit_inline
 def _dq_iq4_nl(r, o, levels, n):
     """``d`` times the level of each code, ``n`` = 16 bytes: low nibbles first."""
-    d = half(r[NL_D], r[NL_D + 1])
-    for j in range(n):
-        q = np.int32(r[NL_QS + j])
-        put(o, j, f32(d * levels[q & 0x0F]))
-        put(o, n + j, f32(d * levels[q >> 4]))
+    put_nibble_levels(o, 0, r, NL_QS, n, half(r[NL_D], r[NL_D + 1]), levels)
 
 
 @jit_inline
@@ -40,13 +36,7 @@ def _dq_iq4_xs(r, o, levels, n):
     sh = np.int64(r[XS_SH]) | (np.int64(r[XS_SH + 1]) << 8)
     for s in range(8):
         ls = ((np.int64(r[XS_SL + s // 2]) >> (4 * (s % 2))) & 0x0F) | (((sh >> (2 * s)) & 0x03) << 4)
-        dl = f32(d * f32(ls - 32))
-        qs = XS_QS + 16 * s
-        at = 32 * s
-        for j in range(n):
-            q = np.int32(r[qs + j])
-            put(o, at + j, f32(dl * levels[q & 0x0F]))
-            put(o, at + n + j, f32(dl * levels[q >> 4]))
+        put_nibble_levels(o, 32 * s, r, XS_QS + 16 * s, n, f32(d * f32(ls - 32)), levels)
 
 
 @jit

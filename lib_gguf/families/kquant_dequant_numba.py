@@ -72,34 +72,23 @@ def _dq_q3_k(r, o, n):
 
 
 @jit_inline
-def _dq_q4_k(r, o, n):
-    """8 sub-blocks of ``n`` = 32: low nibbles of 32 bytes, then their high nibbles."""
-    d = half(r[Q4_D], r[Q4_D + 1])
-    dmin = half(r[Q4_DMIN], r[Q4_DMIN + 1])
+def _dq_q45_k(r, o, n, five):
+    """Q4_K (``five`` False) and Q5_K: 8 sub-blocks of ``n`` = 32, low nibbles of 32 bytes
+    then their high nibbles; Q5_K's fifth bit of sub-block j's weight l at bit j of
+    ``qh[l]``. ``five`` is the caller's constant, which inlining folds in."""
+    d_off, dmin_off, sc_off, qs_off = (Q5_D, Q5_DMIN, Q5_SC, Q5_QS) if five else (Q4_D, Q4_DMIN, Q4_SC, Q4_QS)
+    d = half(r[d_off], r[d_off + 1])
+    dmin = half(r[dmin_off], r[dmin_off + 1])
     for j in range(8):
-        sc, mn = _scale_min(r, Q4_SC, j)
+        sc, mn = _scale_min(r, sc_off, j)
         dl = f32(d * f32(sc))
         ml = f32(dmin * f32(mn))
-        base = Q4_QS + 32 * (j // 2)
+        base = qs_off + 32 * (j // 2)
         shift = 4 * (j % 2)
         for l in range(n):
             q = (np.int32(r[base + l]) >> shift) & 0x0F
-            put(o, 32 * j + l, f32(f32(f32(q) * dl) - ml))
-
-
-@jit_inline
-def _dq_q5_k(r, o, n):
-    """Q4_K's layout, with the fifth bit of sub-block j's weight l at bit j of ``qh[l]``."""
-    d = half(r[Q5_D], r[Q5_D + 1])
-    dmin = half(r[Q5_DMIN], r[Q5_DMIN + 1])
-    for j in range(8):
-        sc, mn = _scale_min(r, Q5_SC, j)
-        dl = f32(d * f32(sc))
-        ml = f32(dmin * f32(mn))
-        base = Q5_QS + 32 * (j // 2)
-        shift = 4 * (j % 2)
-        for l in range(n):
-            q = ((np.int32(r[base + l]) >> shift) & 0x0F) | (((np.int32(r[Q5_QH + l]) >> j) & 1) << 4)
+            if five:
+                q |= ((np.int32(r[Q5_QH + l]) >> j) & 1) << 4
             put(o, 32 * j + l, f32(f32(f32(q) * dl) - ml))
 
 
@@ -132,13 +121,13 @@ def _blocks(b, out, lo, hi, kind):
     n32 = 2 * n16
     if kind == 4:
         for i in range(lo, hi):
-            _dq_q4_k(b[i], out[i], n32)
+            _dq_q45_k(b[i], out[i], n32, False)
     elif kind == 6:
         for i in range(lo, hi):
             _dq_q6_k(b[i], out[i], n16)
     elif kind == 5:
         for i in range(lo, hi):
-            _dq_q5_k(b[i], out[i], n32)
+            _dq_q45_k(b[i], out[i], n32, True)
     elif kind == 3:
         for i in range(lo, hi):
             _dq_q3_k(b[i], out[i], n16)

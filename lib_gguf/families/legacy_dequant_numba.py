@@ -6,7 +6,10 @@ its torch kernels (the reference) in their order, so the same values bit for bit
 One pass per block from the file's bytes to the output, each weight computed and stored
 in vector lanes: the loops over a block's weights take their lane count (16 or 32) as
 an argument, ``n``, which keeps LLVM from unrolling them into scalar code (see
-:mod:`lib_gguf.numba_support`). (The quantizers are in :mod:`legacy_numba`.)
+:mod:`lib_gguf.numba_support`). The block functions are inlined into their format's loop
+(``jit_inline``), so the byte offsets the loop passes are constants there: called as
+separate functions with those offsets, the Q8_0 loop ran 2.7x slower. (The quantizers are
+in :mod:`legacy_numba`.)
 """
 from __future__ import annotations
 
@@ -47,52 +50,33 @@ def _dq_q4_1(r, o, n):
 
 
 @jit_inline
-def _qh(r, qh_off):
-    """Q5's high bits, the little-endian 32-bit ``qh``, as its two 16-bit halves."""
+def _dq_q5(r, o, n, d_off, m_off, qh_off, qs_off):
+    """Q5_0 (``m_off`` < 0: ``d * (q - 16)``) and Q5_1 (``d * q + m``): bit j of the
+    little-endian 32-bit ``qh`` is bit 4 of weight j. The offsets are the callers'
+    constants, which inlining folds in."""
+    d = half(r[d_off], r[d_off + 1])
     qh = (np.int64(r[qh_off]) | (np.int64(r[qh_off + 1]) << 8) | (np.int64(r[qh_off + 2]) << 16)
           | (np.int64(r[qh_off + 3]) << 24))
-    return np.int32(qh & 0xFFFF), np.int32(qh >> 16)
+    lo_bits, hi_bits = np.int32(qh & 0xFFFF), np.int32(qh >> 16)
+    if m_off < 0:
+        for j in range(n):
+            q = np.int32(r[qs_off + j])
+            put(o, j, f32(f32(((q & 0x0F) | (((lo_bits >> j) & 1) << 4)) - 16) * d))
+            put(o, n + j, f32(f32(((q >> 4) | (((hi_bits >> j) & 1) << 4)) - 16) * d))
+    else:
+        m = half(r[m_off], r[m_off + 1])
+        for j in range(n):
+            q = np.int32(r[qs_off + j])
+            put(o, j, f32(f32(f32((q & 0x0F) | (((lo_bits >> j) & 1) << 4)) * d) + m))
+            put(o, n + j, f32(f32(f32((q >> 4) | (((hi_bits >> j) & 1) << 4)) * d) + m))
 
 
 @jit_inline
-def _dq_q5_0(r, o, n):
-    """``d * (q - 16)``: bit j of ``qh`` is bit 4 of weight j."""
-    d = half(r[Q5_0_D], r[Q5_0_D + 1])
-    lo_bits, hi_bits = _qh(r, Q5_0_QH)
+def _dq_q8(r, o, n, d_off, qs_off):
+    """``d * q`` for the ``n`` int8 codes at ``qs_off`` (Q8_0, Q8_1: its sum ``s`` unused)."""
+    d = half(r[d_off], r[d_off + 1])
     for j in range(n):
-        q = np.int32(r[Q5_0_QS + j])
-        put(o, j, f32(f32(((q & 0x0F) | (((lo_bits >> j) & 1) << 4)) - 16) * d))
-        put(o, n + j, f32(f32(((q >> 4) | (((hi_bits >> j) & 1) << 4)) - 16) * d))
-
-
-@jit_inline
-def _dq_q5_1(r, o, n):
-    """``d * q + m``: bit j of ``qh`` is bit 4 of weight j."""
-    d = half(r[Q5_1_D], r[Q5_1_D + 1])
-    m = half(r[Q5_1_M], r[Q5_1_M + 1])
-    lo_bits, hi_bits = _qh(r, Q5_1_QH)
-    for j in range(n):
-        q = np.int32(r[Q5_1_QS + j])
-        put(o, j, f32(f32(f32((q & 0x0F) | (((lo_bits >> j) & 1) << 4)) * d) + m))
-        put(o, n + j, f32(f32(f32((q >> 4) | (((hi_bits >> j) & 1) << 4)) * d) + m))
-
-
-# The byte offsets are the module's constants inside each block function: passed as
-# arguments, they cost the Q8_0 loop 2.7x (LLVM vectorizes it with run-time offsets less well).
-@jit_inline
-def _dq_q8_0(r, o, n):
-    """``d * q`` for the 32 int8 codes."""
-    d = half(r[Q8_0_D], r[Q8_0_D + 1])
-    for j in range(n):
-        put(o, j, f32(f32(np.int8(r[Q8_0_QS + j])) * d))
-
-
-@jit_inline
-def _dq_q8_1(r, o, n):
-    """``d * q`` (the block's sum ``s`` is unused)."""
-    d = half(r[Q8_1_D], r[Q8_1_D + 1])
-    for j in range(n):
-        put(o, j, f32(f32(np.int8(r[Q8_1_QS + j])) * d))
+        put(o, j, f32(f32(np.int8(r[qs_off + j])) * d))
 
 
 @jit
@@ -111,16 +95,16 @@ def _blocks(b, out, lo, hi, kind):
             _dq_q4_1(b[i], out[i], h)
     elif kind == 50:
         for i in range(lo, hi):
-            _dq_q5_0(b[i], out[i], h)
+            _dq_q5(b[i], out[i], h, Q5_0_D, -1, Q5_0_QH, Q5_0_QS)
     elif kind == 51:
         for i in range(lo, hi):
-            _dq_q5_1(b[i], out[i], h)
+            _dq_q5(b[i], out[i], h, Q5_1_D, Q5_1_M, Q5_1_QH, Q5_1_QS)
     elif kind == 80:
         for i in range(lo, hi):
-            _dq_q8_0(b[i], out[i], n)
+            _dq_q8(b[i], out[i], n, Q8_0_D, Q8_0_QS)
     else:
         for i in range(lo, hi):
-            _dq_q8_1(b[i], out[i], n)
+            _dq_q8(b[i], out[i], n, Q8_1_D, Q8_1_QS)
 
 
 @pjit
